@@ -1,0 +1,66 @@
+"""pybinder: Android Binder's one-copy IPC, rebuilt for Linux in Python.
+
+A broker daemon plays the binder driver: it copies each message once into a buffer
+in the target process's read-only shared-memory region, and the target reads it in
+place. On top: Proxy/Stub RPC, a service manager, object references and caller
+credentials.
+
+Quick use::
+
+    import pybinder
+
+    class ICalc(pybinder.Interface):
+        DESCRIPTOR = "example.ICalc"
+
+        @pybinder.method
+        def add(self, a: int, b: int) -> int: ...
+
+    class Calc(ICalc.Stub):
+        def add(self, a, b):
+            return a + b
+
+    with pybinder.connect() as proc:
+        proc.add_service("calc", Calc())
+        proc.join_thread_pool()
+"""
+
+from pybinder.errors import (
+    BinderError,
+    BrokerUnavailableError,
+    DeadObjectError,
+    InterfaceMismatchError,
+    ProtocolError,
+    RemoteError,
+    ServiceNotFoundError,
+    TransactionTooLargeError,
+    UnknownTransactionError,
+)
+from pybinder.runtime.binder import Binder, BinderProxy
+from pybinder.runtime.interface import Interface, method, oneway
+from pybinder.runtime.process_state import ProcessState, connect
+from pybinder.runtime.thread_state import get_calling_gid, get_calling_pid, get_calling_uid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binder",
+    "BinderError",
+    "BinderProxy",
+    "BrokerUnavailableError",
+    "DeadObjectError",
+    "Interface",
+    "InterfaceMismatchError",
+    "ProcessState",
+    "ProtocolError",
+    "RemoteError",
+    "ServiceNotFoundError",
+    "TransactionTooLargeError",
+    "UnknownTransactionError",
+    "__version__",
+    "connect",
+    "get_calling_gid",
+    "get_calling_pid",
+    "get_calling_uid",
+    "method",
+    "oneway",
+]

@@ -1,0 +1,98 @@
+"""Best-fit buffer allocator with coalescing, one per receive region (binder_alloc).
+
+The broker alone allocates in a region; the owner only frees (BC_FREE_BUFFER), and
+only buffers the broker handed it. Every size is in bytes and rounded up to
+:data:`ALIGNMENT` so parcels (and the 64-byte-aligned buffers in them) start on a
+cache line.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+#: Every buffer starts on this boundary, in bytes.
+ALIGNMENT = 64
+
+
+class BufferAllocator:
+    """Hands out ``[offset, offset + size)`` ranges of a region of ``capacity`` bytes.
+
+    Free ranges are kept three ways: by size (for best fit), by start and by end (to
+    merge a freed range with its free neighbours at once).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity - capacity % ALIGNMENT
+        self._by_size: list[tuple[int, int]] = [(self.capacity, 0)]
+        self._free_at: dict[int, int] = {0: self.capacity}
+        self._free_ending: dict[int, int] = {self.capacity: 0}
+        self._allocated: dict[int, int] = {}
+        self.in_use = 0
+
+    @staticmethod
+    def rounded(size: int) -> int:
+        """The bytes an allocation of ``size`` really takes."""
+        return max(ALIGNMENT, (size + ALIGNMENT - 1) & ~(ALIGNMENT - 1))
+
+    def largest_free(self) -> int:
+        """The largest single allocation that would succeed now, in bytes."""
+        return self._by_size[-1][0] if self._by_size else 0
+
+    def allocate(self, size: int) -> int | None:
+        """Allocate ``size`` bytes in the smallest free range that holds them.
+
+        Returns the offset, or None when no free range is large enough.
+        """
+        size = self.rounded(size)
+        index = bisect.bisect_left(self._by_size, (size, -1))
+        if index == len(self._by_size):
+            return None
+        free_size, start = self._by_size.pop(index)
+        del self._free_at[start]
+        del self._free_ending[start + free_size]
+        if free_size > size:
+            self._add_free(start + size, free_size - size)
+        self._allocated[start] = size
+        self.in_use += size
+        return start
+
+    def owns(self, offset: int) -> bool:
+        """Whether ``offset`` is the start of a live allocation."""
+        return offset in self._allocated
+
+    def size_of(self, offset: int) -> int:
+        """The rounded size of the live allocation at ``offset``."""
+        return self._allocated[offset]
+
+    def free(self, offset: int) -> int:
+        """Free the allocation at ``offset``, merging it with free neighbours.
+
+        Returns the bytes freed.
+
+        Raises:
+            KeyError: ``offset`` is not the start of a live allocation.
+        """
+        size = self._allocated.pop(offset)
+        self.in_use -= size
+        start, end = offset, offset + size
+        after = self._free_at.get(end)
+        if after is not None:
+            self._remove_free(end, after)
+            end += after
+        before = self._free_ending.get(start)
+        if before is not None:
+            self._remove_free(before, start - before)
+            start = before
+        self._add_free(start, end - start)
+        return size
+
+    def _add_free(self, start: int, size: int) -> None:
+        bisect.insort(self._by_size, (size, start))
+        self._free_at[start] = size
+        self._free_ending[start + size] = start
+
+    def _remove_free(self, start: int, size: int) -> None:
+        index = bisect.bisect_left(self._by_size, (size, start))
+        del self._by_size[index]
+        del self._free_at[start]
+        del self._free_ending[start + size]

@@ -1,0 +1,213 @@
+"""What the broker knows about each connected process (binder_proc, binder_thread,
+binder_node, binder_ref, binder_buffer)."""
+
+from __future__ import annotations
+
+import mmap
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pybinder.broker.allocator import BufferAllocator
+from pybinder.region import BrokerRegion
+
+if TYPE_CHECKING:
+    from pybinder.broker.daemon import Connection
+    from pybinder.broker.transaction import Transaction
+
+
+@dataclass(eq=False)
+class Node:
+    """A local object (Stub) in its owner that others can reach (binder_node).
+
+    Attributes:
+        owner: the process that owns the object.
+        local_id: the owner's id for it, as the owner wrote it in a parcel.
+        holders: references held: one per process that has a handle, one per
+            service-manager entry.
+        received: how many times the owner has sent this node; returned to the owner
+            with BR_RELEASE_NODE so it can tell stale releases from new sends.
+        active: transactions to this node that have not finished.
+        async_todo: oneway transactions waiting for the one in flight to finish.
+        async_busy: a oneway transaction to this node is in flight.
+        oneway_senders: per sending thread, its oneway calls to this node not yet done.
+    """
+
+    owner: ProcessRecord
+    local_id: int
+    holders: int = 0
+    received: int = 0
+    active: int = 0
+    async_todo: deque[Transaction] = field(default_factory=deque)
+    async_busy: bool = False
+    oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
+
+    @property
+    def dead(self) -> bool:
+        return self.owner.dead
+
+
+@dataclass(eq=False)
+class Ref:
+    """One process's handle to a node (binder_ref); ``count`` is the deliveries not released."""
+
+    process: ProcessRecord
+    handle: int
+    node: Node
+    count: int = 0
+
+
+@dataclass(eq=False)
+class Buffer:
+    """A live allocation in a receive region (binder_buffer).
+
+    Attributes:
+        offset, size: where it is and how many bytes the parcel takes.
+        is_async: it holds a oneway transaction (counts against the async space).
+        thread: the thread it was delivered to, which must free it; None while queued.
+    """
+
+    offset: int
+    size: int
+    is_async: bool
+    thread: ThreadRecord | None = None
+
+
+class ThreadRecord:
+    """One thread's connection to the broker (binder_thread).
+
+    Attributes:
+        incoming: transactions this thread is handling, innermost last (the
+            transaction stack).
+        outgoing: the two-way transaction it waits on, if any.
+        is_looper: it entered the looper (BC_ENTER_LOOPER) and takes new work.
+    """
+
+    def __init__(self, process: ProcessRecord, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.incoming: list[Transaction] = []
+        self.outgoing: Transaction | None = None
+        self.waiting_oneway: Transaction | None = None
+        self.is_looper = False
+        self.alive = True
+        self.send_map: mmap.mmap | None = None
+        self.send_view: memoryview | None = None
+
+    @property
+    def idle(self) -> bool:
+        """A looper with nothing to do."""
+        return (
+            self.alive
+            and self.is_looper
+            and not self.incoming
+            and self.outgoing is None
+            and self.waiting_oneway is None
+        )
+
+    def set_send_area(self, mapping: mmap.mmap) -> None:
+        """Replace this thread's send area mapping."""
+        self.drop_send_area()
+        self.send_map = mapping
+        self.send_view = memoryview(mapping)
+
+    def drop_send_area(self) -> None:
+        if self.send_view is not None:
+            self.send_view.release()
+            self.send_view = None
+        if self.send_map is not None:
+            self.send_map.close()
+            self.send_map = None
+
+
+class ProcessRecord:
+    """One connected process state (binder_proc): its region, threads, nodes and refs.
+
+    Attributes:
+        key: the secret a thread presents to join this process (BC_HELLO_THREAD).
+        pid, uid, gid: the kernel-checked credentials of its connection (SO_PEERCRED).
+        async_free: bytes of the region oneway transactions may still use (half of it,
+            as binder's async space).
+    """
+
+    def __init__(self, key: int, pid: int, uid: int, gid: int, region_size: int) -> None:
+        self.key = key
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.region = BrokerRegion(region_size)
+        self.allocator = BufferAllocator(region_size)
+        self.async_free = self.allocator.capacity // 2
+        self.buffers: dict[int, Buffer] = {}
+        self.threads: list[ThreadRecord] = []
+        self.todo: deque[Transaction] = deque()
+        self.space_waiters: deque[Transaction] = deque()
+        self.nodes: dict[int, Node] = {}
+        self.refs: dict[int, Ref] = {}
+        self.ref_of_node: dict[Node, Ref] = {}
+        self.next_handle = 1
+        self.notifications: list[bytes] = []
+        self.dead = False
+        self.transactions_sent = 0
+        self.transactions_received = 0
+        self.bytes_copied_in = 0
+
+    @property
+    def region_size(self) -> int:
+        return self.region.size
+
+    def idle_looper(self) -> ThreadRecord | None:
+        """A looper thread free to take work, if there is one."""
+        for thread in self.threads:
+            if thread.idle:
+                return thread
+        return None
+
+    def ref_for(self, node: Node) -> Ref:
+        """This process's ref to ``node``, created (with a new handle) if it has none."""
+        ref = self.ref_of_node.get(node)
+        if ref is None:
+            ref = Ref(self, self.next_handle, node)
+            self.next_handle += 1
+            self.refs[ref.handle] = ref
+            self.ref_of_node[node] = ref
+            node.holders += 1
+        return ref
+
+    def allocate(self, size: int, is_async: bool) -> Buffer | None:
+        """Allocate a buffer of ``size`` bytes, or None if it does not fit now."""
+        rounded = BufferAllocator.rounded(size)
+        if is_async and rounded > self.async_free:
+            return None
+        offset = self.allocator.allocate(size)
+        if offset is None:
+            return None
+        if is_async:
+            self.async_free -= rounded
+        buffer = Buffer(offset, size, is_async)
+        self.buffers[offset] = buffer
+        return buffer
+
+    def free(self, buffer: Buffer) -> None:
+        """Return a buffer to the region's free space."""
+        del self.buffers[buffer.offset]
+        freed = self.allocator.free(buffer.offset)
+        if buffer.is_async:
+            self.async_free += freed
+
+    def status(self) -> dict[str, int | str]:
+        """Counters for ``pybinder status`` (sizes in bytes)."""
+        return {
+            "pid": self.pid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "region_size": self.region_size,
+            "region_in_use": self.allocator.in_use,
+            "threads": len(self.threads),
+            "loopers": sum(1 for t in self.threads if t.is_looper),
+            "nodes": len(self.nodes),
+            "refs": len(self.refs),
+            "transactions_sent": self.transactions_sent,
+            "transactions_received": self.transactions_received,
+            "bytes_copied_in": self.bytes_copied_in,
+        }

@@ -1,0 +1,624 @@
+"""Routing, the one copy, object translation and oneway queues (binder_transaction).
+
+The :class:`Router` is the driver's core. It receives each thread's BC_* commands
+(already split by the daemon), and for a transaction it:
+
+1. finds the target node from the sender's handle;
+2. allocates a buffer in the target's receive region (best fit);
+3. copies the parcel from the sender's send area into it: the one copy;
+4. checks the copy (never the sender's live memory) and translates its object
+   table: a node of the sender becomes a handle of the target, a handle becomes
+   the target's own handle or, for the node's owner, the node itself;
+5. hands it to a thread: the sender's peer in a nested call (binder's transaction
+   stack), an idle looper, or the process's queue; oneway calls to one node go
+   one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pybinder import protocol
+from pybinder.broker.process import Buffer, Node, ProcessRecord, Ref, ThreadRecord
+from pybinder.errors import (
+    CODE_OF_ERROR,
+    BinderError,
+    DeadObjectError,
+    ProtocolError,
+    TransactionTooLargeError,
+)
+from pybinder.parcel import (
+    BUFFER_ENTRY,
+    HEADER,
+    OBJ_HANDLE,
+    OBJ_NODE,
+    parse_header,
+    read_objects,
+    write_object,
+)
+from pybinder.parcel import encode as encode_parcel
+from pybinder.protocol import (
+    BR_DEAD_REPLY,
+    BR_ERROR,
+    BR_FAILED_REPLY,
+    BR_RELEASE_NODE,
+    BR_REPLY,
+    BR_TRANSACTION,
+    BR_TRANSACTION_COMPLETE,
+    MAX_MESSAGE,
+    SERVICE_MANAGER_HANDLE,
+    TF_ONE_WAY,
+)
+
+if TYPE_CHECKING:
+    from pybinder.broker.service_manager import ServiceManager
+
+log = logging.getLogger("pybinder.broker")
+
+Sender = Callable[[ThreadRecord, bytes], None]
+
+
+@dataclass(eq=False)
+class Transaction:
+    """One call on its way (binder_transaction).
+
+    Attributes:
+        from_thread: the caller; None once it has gone (its reply is then dropped).
+        parent: the transaction ``from_thread`` was handling when it called, for
+            routing nested calls back along the chain.
+        to_thread: the thread handling it, once delivered.
+        origin: the sending thread, kept for ordering after ``from_thread`` is cleared.
+        in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
+            call, and a two-way call sent behind oneway calls of the same thread.
+    """
+
+    node: Node
+    code: int
+    flags: int
+    size: int
+    from_thread: ThreadRecord | None
+    sender_pid: int
+    sender_uid: int
+    sender_gid: int
+    parent: Transaction | None = None
+    buffer: Buffer | None = None
+    to_thread: ThreadRecord | None = None
+    origin: ThreadRecord | None = None
+    in_async_lane: bool = False
+
+    @property
+    def oneway(self) -> bool:
+        return bool(self.flags & TF_ONE_WAY)
+
+    @property
+    def target(self) -> ProcessRecord:
+        return self.node.owner
+
+
+class Router:
+    """The broker's transaction engine; owns every :class:`ProcessRecord`.
+
+    Args:
+        send: delivers one message to a thread's connection.
+    """
+
+    def __init__(self, send: Sender) -> None:
+        self._send = send
+        self.processes: dict[int, ProcessRecord] = {}
+        self.service_manager: ServiceManager | None = None
+        self.transactions = 0
+        self.bytes_copied = 0
+        self.buffer_bytes_copied = 0
+
+    # -- messages out -------------------------------------------------------------
+
+    def send(self, thread: ThreadRecord, message: bytes) -> None:
+        """Send ``message`` to ``thread``, after any notifications its process owes."""
+        if thread.alive:
+            self.flush_notifications(thread)
+            self._send(thread, message)
+
+    def flush_notifications(self, thread: ThreadRecord) -> None:
+        """Send ``thread`` the notifications queued for its process."""
+        pending = thread.process.notifications
+        if pending:
+            thread.process.notifications = []
+            for chunk in _chunks(pending):
+                self._send(thread, chunk)
+
+    def fail(self, thread: ThreadRecord, error: BinderError, size: int = 0, limit: int = 0) -> None:
+        """Answer a transaction with BR_FAILED_REPLY carrying ``error``'s code."""
+        log.debug("transaction from pid %d failed: %s", thread.process.pid, error)
+        code = CODE_OF_ERROR.get(type(error), 1)
+        self.send(thread, protocol.encode(BR_FAILED_REPLY, code, size, limit))
+
+    def protocol_error(self, thread: ThreadRecord, error: ProtocolError) -> None:
+        """Answer a bad command with BR_ERROR; the thread raises it in its caller."""
+        log.warning("pid %d: %s", thread.process.pid, error)
+        self.send(thread, protocol.encode(BR_ERROR, CODE_OF_ERROR[ProtocolError], 0, 0))
+
+    def notify(self, process: ProcessRecord, message: bytes) -> None:
+        """Deliver a process-wide notification: to an idle looper now, or with the
+        next message any of its threads receives."""
+        looper = process.idle_looper()
+        if looper is not None:
+            self.send(looper, message)
+        else:
+            process.notifications.append(message)
+
+    # -- BC_TRANSACTION -----------------------------------------------------------
+
+    def transaction(
+        self, thread: ThreadRecord, handle: int, code: int, flags: int, size: int
+    ) -> None:
+        """Start a transaction of ``size`` bytes from ``thread``'s send area to ``handle``."""
+        process = thread.process
+        process.transactions_sent += 1
+        self.transactions += 1
+        if thread.send_view is None or not HEADER.size <= size <= len(thread.send_view):
+            limit = 0 if thread.send_view is None else len(thread.send_view)
+            self.fail(thread, ProtocolError(), size, limit)
+            return
+        if handle == SERVICE_MANAGER_HANDLE:
+            assert self.service_manager is not None
+            self.service_manager.transact(thread, code, flags, thread.send_view[:size])
+            return
+        ref = process.refs.get(handle)
+        if ref is None:
+            self.fail(thread, ProtocolError(), handle, 0)
+            return
+        if ref.node.dead:
+            self.send(thread, protocol.encode(BR_DEAD_REPLY))
+            return
+        parent = thread.incoming[-1] if thread.incoming else None
+        creds = (process.pid, process.uid, process.gid)
+        txn = Transaction(ref.node, code, flags, size, thread, *creds, parent=parent, origin=thread)
+        txn.in_async_lane = txn.oneway
+        if txn.oneway:
+            self._start_oneway(txn)
+        else:
+            self._start_two_way(txn)
+
+    def _start_two_way(self, txn: Transaction) -> None:
+        thread = txn.from_thread
+        assert thread is not None
+        target = txn.target
+        try:
+            txn.buffer = self._copy(thread, target, txn.size, is_async=False)
+        except BinderError as exc:
+            self.fail(thread, exc, txn.size, _limit_of(exc))
+            return
+        thread.outgoing = txn
+        txn.to_thread = self._nested_target(thread, target)
+        # Unlike binder, a call never overtakes the same thread's earlier oneway calls
+        # to the same node: it queues in the node's oneway lane behind them.
+        txn.in_async_lane = txn.to_thread is None and txn.node.oneway_senders.get(thread, 0) > 0
+        self._deliver(txn)
+
+    def _start_oneway(self, txn: Transaction) -> None:
+        thread = txn.from_thread
+        assert thread is not None
+        target = txn.target
+        async_limit = target.allocator.capacity // 2
+        if txn.size > async_limit:
+            error = TransactionTooLargeError(
+                f"oneway parcel of {txn.size} bytes exceeds the target's async space"
+                f" of {async_limit} bytes"
+            )
+            self.fail(thread, error, txn.size, async_limit)
+            return
+        if target.space_waiters or not self._try_copy_oneway(txn):
+            # Backpressure: the sender waits (its send area still holds the parcel)
+            # until the receiver frees enough of its async space.
+            thread.waiting_oneway = txn
+            target.space_waiters.append(txn)
+
+    def _try_copy_oneway(self, txn: Transaction) -> bool:
+        """Copy and deliver a oneway transaction if it fits now; ack the sender."""
+        thread = txn.from_thread
+        assert thread is not None
+        try:
+            buffer = self._copy(thread, txn.target, txn.size, is_async=True)
+        except TransactionTooLargeError:
+            return False
+        except BinderError as exc:
+            self.fail(thread, exc, txn.size, 0)
+            return True
+        txn.buffer = buffer
+        txn.from_thread = None  # nobody waits for a oneway reply
+        self.send(thread, protocol.encode(BR_TRANSACTION_COMPLETE))
+        self._deliver(txn)
+        return True
+
+    def retry_space_waiters(self, process: ProcessRecord) -> None:
+        """Copy queued oneway transactions, in order, while they fit."""
+        waiters = process.space_waiters
+        while waiters:
+            txn = waiters[0]
+            sender = txn.from_thread
+            if sender is None or not sender.alive:
+                waiters.popleft()
+                continue
+            if not self._try_copy_oneway(txn):
+                return
+            waiters.popleft()
+            sender.waiting_oneway = None
+
+    # -- the one copy and object translation ---------------------------------------
+
+    def _copy(
+        self, sender: ThreadRecord, target: ProcessRecord, size: int, is_async: bool
+    ) -> Buffer:
+        """Copy ``size`` bytes of ``sender``'s send area into a new buffer of ``target``.
+
+        Raises:
+            DeadObjectError: the target has died.
+            TransactionTooLargeError: no free range of ``size`` bytes in the target.
+            ProtocolError: the copied parcel is malformed or names unknown objects.
+        """
+        if target.dead:
+            raise DeadObjectError()
+        buffer = target.allocate(size, is_async)
+        if buffer is None:
+            free = target.allocator.largest_free()
+            if is_async:
+                free = min(free, target.async_free)
+            raise TransactionTooLargeError(
+                f"parcel of {size} bytes does not fit the target's free space of {free} bytes",
+                size,
+                free,
+            )
+        assert sender.send_view is not None
+        end = buffer.offset + size
+        dest = target.region.view[buffer.offset : end]
+        try:
+            dest[:] = sender.send_view[:size]
+            header = parse_header(dest)
+            self._translate(sender.process, target, dest, read_objects(dest, header))
+            self._count_copy(target, dest, header.n_buffers, header.buffer_table, size)
+        except ProtocolError:
+            target.free(buffer)
+            raise
+        finally:
+            dest.release()
+        return buffer
+
+    def _count_copy(
+        self, target: ProcessRecord, dest: memoryview, n_buffers: int, table: int, size: int
+    ) -> None:
+        self.bytes_copied += size
+        target.bytes_copied_in += size
+        for i in range(n_buffers):
+            self.buffer_bytes_copied += BUFFER_ENTRY.unpack_from(dest, table + 16 * i)[1]
+
+    def _translate(
+        self,
+        source: ProcessRecord,
+        target: ProcessRecord,
+        dest: memoryview,
+        objects: list[tuple[int, int]],
+    ) -> None:
+        """Rewrite the object table in ``dest`` from ``source``'s terms to ``target``'s.
+
+        Every entry is checked before any is changed, so a bad entry changes nothing.
+        """
+        for kind, value in objects:
+            check_entry(source, kind, value)
+        for index, (kind, value) in enumerate(objects):
+            node = self.node_for_entry(source, kind, value)
+            kind, value = self.entry_for_node(target, node)
+            write_object(dest, index, kind, value)
+
+    @staticmethod
+    def node_for_entry(source: ProcessRecord, kind: int, value: int) -> Node:
+        """The node a checked object-table entry written by ``source`` names.
+
+        A node entry the owner sends for the first time creates the node; each one
+        counts as a send (returned to the owner with BR_RELEASE_NODE).
+        """
+        if kind == OBJ_NODE:
+            node = source.nodes.get(value)
+            if node is None:
+                node = source.nodes[value] = Node(source, value)
+            node.received += 1
+            return node
+        return source.refs[value].node
+
+    def entry_for_node(self, target: ProcessRecord, node: Node) -> tuple[int, int]:
+        """The object-table entry that names ``node`` in ``target``; counts a delivery."""
+        if node.owner is target:
+            return OBJ_NODE, node.local_id
+        ref = target.ref_for(node)
+        ref.count += 1
+        return OBJ_HANDLE, ref.handle
+
+    # -- handing work to threads ------------------------------------------------------
+
+    @staticmethod
+    def _nested_target(thread: ThreadRecord, target: ProcessRecord) -> ThreadRecord | None:
+        """The thread of ``target`` waiting on this call chain, if any (binder's
+        transaction stack): calling back into a caller reuses its blocked thread."""
+        txn = thread.incoming[-1] if thread.incoming else None
+        while txn is not None and not txn.oneway:
+            caller = txn.from_thread
+            if caller is not None and caller.process is target and caller.alive:
+                return caller
+            txn = txn.parent
+        return None
+
+    def _deliver(self, txn: Transaction) -> None:
+        node = txn.node
+        node.active += 1
+        if txn.oneway and txn.origin is not None:
+            node.oneway_senders[txn.origin] = node.oneway_senders.get(txn.origin, 0) + 1
+        if txn.to_thread is not None:
+            self._start_on(txn.to_thread, txn)
+        elif txn.in_async_lane and node.async_busy:
+            node.async_todo.append(txn)
+        else:
+            node.async_busy = node.async_busy or txn.in_async_lane
+            txn.target.todo.append(txn)
+            self.dispatch(txn.target)
+
+    def dispatch(self, process: ProcessRecord) -> None:
+        """Give queued transactions to idle loopers, and flush notifications."""
+        while process.todo:
+            looper = process.idle_looper()
+            if looper is None:
+                return
+            self._start_on(looper, process.todo.popleft())
+        if process.notifications:
+            looper = process.idle_looper()
+            if looper is not None:
+                self.flush_notifications(looper)
+
+    def _start_on(self, thread: ThreadRecord, txn: Transaction) -> None:
+        buffer = txn.buffer
+        assert buffer is not None
+        txn.to_thread = thread
+        buffer.thread = thread
+        thread.incoming.append(txn)
+        txn.target.transactions_received += 1
+        message = protocol.encode(
+            BR_TRANSACTION,
+            txn.node.local_id,
+            txn.code,
+            txn.flags,
+            buffer.offset,
+            txn.size,
+            txn.sender_pid,
+            txn.sender_uid,
+            txn.sender_gid,
+        )
+        self.send(thread, message)
+
+    # -- BC_REPLY ------------------------------------------------------------------
+
+    def reply(self, thread: ThreadRecord, flags: int, size: int) -> None:
+        """Finish the transaction ``thread`` handles; copy the reply to its caller."""
+        if not thread.incoming:
+            self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
+            return
+        txn = thread.incoming.pop()
+        self._finish(txn)
+        caller = txn.from_thread
+        if not txn.oneway and caller is not None and caller.outgoing is txn:
+            caller.outgoing = None
+            self._send_reply(thread, caller, size)
+        if thread.idle:
+            self.dispatch(thread.process)
+
+    def _send_reply(self, thread: ThreadRecord, caller: ThreadRecord, size: int) -> None:
+        if thread.send_view is None or not HEADER.size <= size <= len(thread.send_view):
+            self.fail(caller, ProtocolError(), size, 0)
+            return
+        try:
+            buffer = self._copy(thread, caller.process, size, is_async=False)
+        except BinderError as exc:
+            self.fail(caller, exc, size, _limit_of(exc))
+            return
+        buffer.thread = caller
+        self.send(caller, protocol.encode(BR_REPLY, buffer.offset, size))
+
+    def reply_from_broker(self, thread: ThreadRecord, body: object) -> None:
+        """Answer ``thread`` with a parcel the broker built (service manager replies).
+
+        Its object entries are already in the receiver's terms (ObjectRefs).
+        """
+        encoded = encode_parcel(body)
+        process = thread.process
+        buffer = process.allocate(encoded.size, is_async=False)
+        if buffer is None:
+            free = process.allocator.largest_free()
+            error = TransactionTooLargeError(
+                f"reply of {encoded.size} bytes does not fit the caller's free space of {free}"
+            )
+            self.fail(thread, error, encoded.size, free)
+            return
+        dest = process.region.view[buffer.offset : buffer.offset + encoded.size]
+        try:
+            encoded.write_into(dest)
+        finally:
+            dest.release()
+        self.bytes_copied += encoded.size
+        process.bytes_copied_in += encoded.size
+        buffer.thread = thread
+        self.send(thread, protocol.encode(BR_REPLY, buffer.offset, encoded.size))
+
+    def _finish(self, txn: Transaction) -> None:
+        """Bookkeeping when a delivered transaction ends (answered or abandoned)."""
+        node = txn.node
+        node.active -= 1
+        if txn.oneway and txn.origin is not None:
+            left = node.oneway_senders.pop(txn.origin, 1) - 1
+            if left > 0:
+                node.oneway_senders[txn.origin] = left
+        if txn.in_async_lane:
+            self._next_async(node)
+        self.maybe_release(node)
+
+    def _next_async(self, node: Node) -> None:
+        """The call in ``node``'s oneway lane ended; queue the next one."""
+        node.async_busy = False
+        if node.async_todo and not node.dead:
+            txn = node.async_todo.popleft()
+            node.async_busy = True
+            txn.target.todo.append(txn)
+            self.dispatch(txn.target)
+
+    # -- BC_FREE_BUFFER, BC_RELEASE, BC_ENTER_LOOPER --------------------------------
+
+    def free_buffer(self, thread: ThreadRecord, offset: int) -> None:
+        """Free a buffer of ``thread``'s own process that was delivered to it."""
+        process = thread.process
+        buffer = process.buffers.get(offset)
+        if buffer is None or buffer.thread is None:
+            error = ProtocolError(f"BC_FREE_BUFFER of {offset}: not a buffer of this process")
+            self.protocol_error(thread, error)
+            return
+        process.free(buffer)
+        self.retry_space_waiters(process)
+
+    def release(self, thread: ThreadRecord, handle: int, count: int) -> None:
+        """Drop ``count`` deliveries of ``handle``; at zero the handle goes away."""
+        process = thread.process
+        ref = process.refs.get(handle)
+        if ref is None:
+            return  # released twice or never held: nothing to undo
+        ref.count -= count
+        if ref.count <= 0:
+            self.drop_ref(ref)
+
+    def drop_ref(self, ref: Ref) -> None:
+        """Remove a process's handle; the node may then lose its last holder."""
+        process, node = ref.process, ref.node
+        del process.refs[ref.handle]
+        del process.ref_of_node[node]
+        node.holders -= 1
+        self.maybe_release(node)
+
+    def maybe_release(self, node: Node) -> None:
+        """Tell the owner a node has no remote holders left (BR_RELEASE_NODE)."""
+        owner = node.owner
+        if node.holders or node.active or node.async_todo or owner.dead:
+            return
+        if owner.nodes.get(node.local_id) is node:
+            del owner.nodes[node.local_id]
+            self.notify(owner, protocol.encode(BR_RELEASE_NODE, node.local_id, node.received))
+
+    def enter_looper(self, thread: ThreadRecord) -> None:
+        thread.is_looper = True
+        self.dispatch(thread.process)
+
+    def exit_looper(self, thread: ThreadRecord) -> None:
+        thread.is_looper = False
+
+    # -- deaths ----------------------------------------------------------------------
+
+    def thread_exited(self, thread: ThreadRecord) -> None:
+        """A thread's connection closed: abandon what it was doing, free what it held."""
+        if not thread.alive:
+            return
+        thread.alive = False
+        process = thread.process
+        if thread in process.threads:
+            process.threads.remove(thread)
+        while thread.incoming:
+            self._abandon(thread.incoming.pop())
+        if thread.outgoing is not None:
+            thread.outgoing.from_thread = None
+            thread.outgoing = None
+        if thread.waiting_oneway is not None:
+            waiting = thread.waiting_oneway
+            thread.waiting_oneway = None
+            target = waiting.target
+            if waiting in target.space_waiters:
+                target.space_waiters.remove(waiting)
+        for buffer in [b for b in process.buffers.values() if b.thread is thread]:
+            process.free(buffer)
+        thread.drop_send_area()
+        if self.service_manager is not None:
+            self.service_manager.forget_thread(thread)
+        if not process.dead:
+            self.retry_space_waiters(process)
+
+    def _abandon(self, txn: Transaction) -> None:
+        """A delivered transaction will never be answered: tell its caller."""
+        self._finish(txn)
+        self._dead_reply(txn)
+
+    def _dead_reply(self, txn: Transaction) -> None:
+        caller = txn.from_thread
+        if caller is not None and caller.outgoing is txn:
+            caller.outgoing = None
+            self.send(caller, protocol.encode(BR_DEAD_REPLY))
+
+    def process_died(self, process: ProcessRecord) -> None:
+        """A process's connection closed: callers waiting on it get BR_DEAD_REPLY,
+        and everything it held is released."""
+        if process.dead:
+            return
+        process.dead = True
+        self.processes.pop(process.key, None)
+        for thread in list(process.threads):
+            self.thread_exited(thread)
+        while process.todo:
+            self._dead_reply(process.todo.popleft())
+        for node in process.nodes.values():
+            while node.async_todo:
+                node.async_todo.popleft()
+        while process.space_waiters:
+            txn = process.space_waiters.popleft()
+            sender = txn.from_thread
+            if sender is not None and sender.waiting_oneway is txn:
+                sender.waiting_oneway = None
+                self.send(sender, protocol.encode(BR_DEAD_REPLY))
+        if self.service_manager is not None:
+            self.service_manager.forget_process(process)
+        for ref in list(process.refs.values()):
+            self.drop_ref(ref)
+        process.buffers.clear()
+        process.region.close()
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        return {
+            "transactions": self.transactions,
+            "bytes_copied": self.bytes_copied,
+            "buffer_bytes_copied": self.buffer_bytes_copied,
+            "processes": [p.status() for p in self.processes.values()],
+        }
+
+
+def check_entry(source: ProcessRecord, kind: int, value: int) -> None:
+    """Check an object-table entry written by ``source``.
+
+    Raises:
+        ProtocolError: an unknown kind, or a handle ``source`` does not hold.
+    """
+    if kind == OBJ_HANDLE and value not in source.refs:
+        raise ProtocolError(f"parcel names handle {value}, which its sender does not hold")
+    if kind not in (OBJ_NODE, OBJ_HANDLE):
+        raise ProtocolError(f"parcel object of unknown kind {kind}")
+
+
+def _limit_of(error: BinderError) -> int:
+    return getattr(error, "limit", 0)
+
+
+def _chunks(messages: list[bytes]) -> list[bytes]:
+    """Join small messages into as few as fit in :data:`MAX_MESSAGE` bytes each."""
+    chunks: list[bytes] = []
+    current = b""
+    for message in messages:
+        if current and len(current) + len(message) > MAX_MESSAGE:
+            chunks.append(current)
+            current = b""
+        current += message
+    if current:
+        chunks.append(current)
+    return chunks

@@ -1,0 +1,321 @@
+"""The parcel: header, object table, buffer table, msgpack body, out-of-band buffers.
+
+A parcel is the one thing that crosses between processes, and it is laid out so the
+broker can check and translate it without decoding the body, and the receiver can read
+it in place::
+
+    offset 0   header      magic "PBP1", version, flags, n_objects, n_buffers,
+                           body_len, total_len                        (32 bytes)
+    32         object table  n_objects x (kind u32, pad u32, value u64)  (16 bytes each)
+    ...        buffer table  n_buffers x (offset u64, length u64)        (16 bytes each)
+    ...        body        msgpack: the arguments, or the reply
+    align 64   buffers     each out-of-band buffer, 64-byte aligned
+
+The object table is binder's ``offsets`` array of flat_binder_objects: the broker
+rewrites each entry (a node of the sender becomes a handle of the receiver, and back)
+in the receiver's copy. Bytes-like values of :data:`OUT_OF_BAND_THRESHOLD` bytes or
+more travel in the buffer area, so the receiver can get them as memoryviews of its
+region instead of copies.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgpack
+
+from pybinder.errors import ProtocolError
+
+MAGIC = b"PBP1"
+VERSION = 1
+
+#: Bytes-like values of this many bytes or more travel out of band (4 KiB).
+OUT_OF_BAND_THRESHOLD = 4096
+
+#: Out-of-band buffers start on this boundary, in bytes.
+BUFFER_ALIGN = 64
+
+#: Upper bounds the broker enforces so a header cannot make it loop for long.
+MAX_OBJECTS = 4096
+MAX_BUFFERS = 4096
+
+#: Object table kinds (binder's BINDER_TYPE_BINDER and BINDER_TYPE_HANDLE).
+OBJ_NODE = 1  # value: the sender's local node id (a Stub it owns)
+OBJ_HANDLE = 2  # value: a handle in the sender's (or receiver's, after translation) table
+
+#: msgpack extension codes used in the body.
+EXT_BUFFER = 1  # data: u32 index into the buffer table
+EXT_OBJECT = 2  # data: u32 index into the object table
+
+HEADER = struct.Struct("<4sHHIIIIQ")
+OBJECT_ENTRY = struct.Struct("<IIQ")
+BUFFER_ENTRY = struct.Struct("<QQ")
+_INDEX = struct.Struct("<I")
+
+assert HEADER.size == 32 and OBJECT_ENTRY.size == 16 and BUFFER_ENTRY.size == 16
+
+ObjectEncoder = Callable[[Any], "tuple[int, int] | None"]
+ObjectDecoder = Callable[[int, int], Any]
+
+
+class ObjectRef:
+    """A raw object-table entry, for code that handles parcels without a runtime.
+
+    The broker's service manager reads and writes binder objects as ObjectRefs;
+    :func:`encode` accepts them and :func:`decode` returns them when no
+    ``decode_object`` is given.
+    """
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind: int, value: int) -> None:
+        self.kind = kind
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and (other.kind, other.value) == (self.kind, self.value)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.value))
+
+    def __repr__(self) -> str:
+        return f"ObjectRef(kind={self.kind}, value={self.value})"
+
+
+class ParcelHeader(NamedTuple):
+    """A checked parcel header. All offsets are from the parcel's start, in bytes."""
+
+    n_objects: int
+    n_buffers: int
+    body_start: int
+    body_len: int
+    total_len: int
+
+    @property
+    def buffer_table(self) -> int:
+        """Offset of the buffer table."""
+        return HEADER.size + OBJECT_ENTRY.size * self.n_objects
+
+
+def align(n: int, boundary: int = BUFFER_ALIGN) -> int:
+    """Round ``n`` up to a multiple of ``boundary`` (a power of two)."""
+    return (n + boundary - 1) & ~(boundary - 1)
+
+
+def parse_header(parcel: memoryview | bytes) -> ParcelHeader:
+    """Check a parcel's header, tables and bounds; return the header.
+
+    Every length and offset is checked against ``len(parcel)``, so a hostile sender
+    cannot make the broker or a receiver read outside the parcel.
+
+    Raises:
+        ProtocolError: bad magic or version, or any offset or length out of bounds.
+    """
+    size = len(parcel)
+    if size < HEADER.size:
+        raise ProtocolError(f"parcel of {size} bytes is shorter than its {HEADER.size}-byte header")
+    magic, version, _flags, n_objects, n_buffers, body_len, _pad, total_len = HEADER.unpack_from(
+        parcel, 0
+    )
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a parcel: magic {magic!r}, version {version}")
+    if total_len != size:
+        raise ProtocolError(f"parcel header says {total_len} bytes, frame says {size}")
+    if n_objects > MAX_OBJECTS or n_buffers > MAX_BUFFERS:
+        raise ProtocolError(f"parcel has {n_objects} objects and {n_buffers} buffers; too many")
+    body_start = HEADER.size + OBJECT_ENTRY.size * n_objects + BUFFER_ENTRY.size * n_buffers
+    body_end = body_start + body_len
+    if body_end > size:
+        raise ProtocolError(f"parcel body ends at byte {body_end}, past its end at {size}")
+    header = ParcelHeader(n_objects, n_buffers, body_start, body_len, total_len)
+    table = header.buffer_table
+    for i in range(n_buffers):
+        offset, length = BUFFER_ENTRY.unpack_from(parcel, table + BUFFER_ENTRY.size * i)
+        if offset < body_end or offset + length > size:
+            raise ProtocolError(
+                f"parcel buffer {i} ({offset}+{length}) lies outside {body_end}..{size}"
+            )
+    return header
+
+
+def read_objects(parcel: memoryview | bytes, header: ParcelHeader) -> list[tuple[int, int]]:
+    """Return the object table as ``[(kind, value), ...]``."""
+    return [
+        OBJECT_ENTRY.unpack_from(parcel, HEADER.size + OBJECT_ENTRY.size * i)[::2]
+        for i in range(header.n_objects)
+    ]
+
+
+def write_object(parcel: memoryview | bytearray, index: int, kind: int, value: int) -> None:
+    """Overwrite entry ``index`` of the object table (the broker's translation step)."""
+    OBJECT_ENTRY.pack_into(parcel, HEADER.size + OBJECT_ENTRY.size * index, kind, 0, value)
+
+
+class EncodedParcel:
+    """A value split into what a parcel carries: body bytes, objects and buffers.
+
+    Build one with :func:`encode`, learn its :attr:`size` (bytes), then
+    :meth:`write_into` a writable buffer of at least that size.
+    """
+
+    __slots__ = ("body", "buffers", "objects", "size")
+
+    def __init__(
+        self, body: bytes, objects: list[tuple[int, int]], buffers: list[memoryview]
+    ) -> None:
+        self.body = body
+        self.objects = objects
+        self.buffers = buffers
+        end = HEADER.size + OBJECT_ENTRY.size * len(objects) + BUFFER_ENTRY.size * len(buffers)
+        end += len(body)
+        for buf in buffers:
+            end = align(end) + buf.nbytes
+        self.size = end
+
+    def write_into(self, dest: memoryview | bytearray) -> int:
+        """Write the parcel at the start of ``dest``; return its size in bytes.
+
+        Copies each out-of-band buffer once, straight into ``dest``.
+        """
+        objects, buffers, body = self.objects, self.buffers, self.body
+        HEADER.pack_into(
+            dest, 0, MAGIC, VERSION, 0, len(objects), len(buffers), len(body), 0, self.size
+        )
+        pos = HEADER.size
+        for kind, value in objects:
+            OBJECT_ENTRY.pack_into(dest, pos, kind, 0, value)
+            pos += OBJECT_ENTRY.size
+        table = pos
+        pos += BUFFER_ENTRY.size * len(buffers)
+        dest[pos : pos + len(body)] = body
+        pos += len(body)
+        for i, buf in enumerate(buffers):
+            pos = align(pos)
+            BUFFER_ENTRY.pack_into(dest, table + BUFFER_ENTRY.size * i, pos, buf.nbytes)
+            dest[pos : pos + buf.nbytes] = buf
+            pos += buf.nbytes
+        return pos
+
+
+def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedParcel:
+    """Split ``value`` into a parcel's parts.
+
+    Args:
+        value: None, bool, int, float, str, bytes-like, list, tuple, dict, nested,
+            and any object ``encode_object`` accepts.
+        encode_object: maps a binder object (Stub, Proxy) to ``(kind, value)`` for the
+            object table, or returns None for objects it does not know.
+
+    Raises:
+        TypeError: a value msgpack cannot carry and ``encode_object`` does not accept.
+    """
+    objects: list[tuple[int, int]] = []
+    buffers: list[memoryview] = []
+
+    def out_of_band(view: memoryview) -> msgpack.ExtType:
+        buffers.append(view)
+        return msgpack.ExtType(EXT_BUFFER, _INDEX.pack(len(buffers) - 1))
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, ObjectRef):
+            objects.append((obj.kind, obj.value))
+            return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(objects) - 1))
+        if encode_object is not None:
+            entry = encode_object(obj)
+            if entry is not None:
+                objects.append(entry)
+                return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(objects) - 1))
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
+        view = _flat_bytes(view)
+        return out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
+
+    value = _lift_buffers(value, out_of_band)
+    body = msgpack.packb(value, default=default, use_bin_type=True, datetime=False)
+    return EncodedParcel(body, objects, buffers)
+
+
+def decode(
+    parcel: memoryview | bytes,
+    decode_object: ObjectDecoder | None = None,
+    *,
+    copy_buffers: bool = False,
+) -> tuple[Any, list[memoryview]]:
+    """Read a parcel's value; return ``(value, views)``.
+
+    Out-of-band buffers come back as memoryviews of ``parcel`` (read-only when
+    ``parcel`` is), listed in ``views`` so the caller can release them when the
+    buffer is freed; with ``copy_buffers`` they come back as ``bytes`` instead.
+
+    Raises:
+        ProtocolError: the parcel is malformed or its body is not valid msgpack.
+    """
+    header = parse_header(parcel)
+    views: list[memoryview] = []
+    objects = read_objects(parcel, header) if header.n_objects else []
+    table = header.buffer_table
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        (index,) = _INDEX.unpack(data)
+        if code == EXT_BUFFER and index < header.n_buffers:
+            offset, length = BUFFER_ENTRY.unpack_from(parcel, table + BUFFER_ENTRY.size * index)
+            if copy_buffers:
+                return bytes(parcel[offset : offset + length])
+            view = memoryview(parcel)[offset : offset + length]
+            views.append(view)
+            return view
+        if code == EXT_OBJECT and index < len(objects):
+            kind, value = objects[index]
+            if decode_object is None:
+                return ObjectRef(kind, value)
+            return decode_object(kind, value)
+        raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
+
+    body = memoryview(parcel)[header.body_start : header.body_start + header.body_len]
+    try:
+        value = msgpack.unpackb(body, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"parcel body is not valid msgpack: {exc}") from None
+    finally:
+        body.release()
+    return value, views
+
+
+def _flat_bytes(view: memoryview) -> memoryview:
+    """A C-contiguous, byte-formatted view of ``view`` (copying only if it must)."""
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
+    """Replace large bytes-likes inside ``value`` by out-of-band references.
+
+    msgpack packs bytes, bytearray and memoryview inline without asking a hook, so
+    large ones are found here first. Containers are rebuilt only when something in
+    them changed.
+    """
+    kind = type(value)
+    if kind in _BYTES_LIKE:
+        view = memoryview(value)
+        if view.nbytes >= OUT_OF_BAND_THRESHOLD:
+            return out_of_band(_flat_bytes(view))
+        return value
+    if kind is list or kind is tuple:
+        lifted = [_lift_buffers(item, out_of_band) for item in value]
+        changed = any(a is not b for a, b in zip(lifted, value, strict=True))
+        return lifted if changed else value
+    if kind is dict:
+        lifted_dict = {key: _lift_buffers(item, out_of_band) for key, item in value.items()}
+        changed = any(lifted_dict[key] is not item for key, item in value.items())
+        return lifted_dict if changed else value
+    return value

@@ -1,0 +1,137 @@
+"""Control frames between a thread and the broker: BC_* commands in, BR_* returns out.
+
+This mirrors the binder driver's write/read buffers (``BINDER_WRITE_READ``): one
+SOCK_SEQPACKET message carries one or more commands back to back, each a little-endian
+``u32`` command code followed by that command's fixed-size fields. Payload bytes never
+travel here; a transaction frame only names a length in the sender's send area and an
+offset in the receiver's region.
+
+A thread batches commands into one message when it can (binder sends BC_FREE_BUFFER
+together with BC_REPLY), so one system call carries both.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from pybinder.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+#: The largest message either side sends or accepts, in bytes.
+MAX_MESSAGE = 4096
+
+#: Transaction flag: no reply is wanted (binder's TF_ONE_WAY).
+TF_ONE_WAY = 0x01
+
+#: The service manager's handle in every process (binder's context manager).
+SERVICE_MANAGER_HANDLE = 0
+
+# -- commands a thread sends (binder's BC_*) ---------------------------------------
+BC_HELLO_PROCESS = 0x4301  # version, region_size: open a process state (binder open+mmap)
+BC_HELLO_THREAD = 0x4302  # version, process_key: join an open process state as a thread
+BC_SET_SEND_AREA = 0x4303  # size, with one sealed memfd attached (SCM_RIGHTS)
+BC_ENTER_LOOPER = 0x4304  # this thread now waits for incoming transactions
+BC_TRANSACTION = 0x4305  # handle, code, flags, data_len: parcel at send area offset 0
+BC_REPLY = 0x4306  # flags, data_len: answer the transaction this thread is handling
+BC_FREE_BUFFER = 0x4307  # offset: the receiver is done with a buffer in its region
+BC_RELEASE = 0x4308  # handle, count: drop `count` references to a handle
+BC_EXIT_LOOPER = 0x4309  # this thread no longer waits for transactions
+
+# -- returns the broker sends (binder's BR_*) ---------------------------------------
+BR_HELLO_PROCESS = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
+BR_HELLO_THREAD = 0x5202  # process_key
+BR_OK = 0x5203  # the last command that wants an answer succeeded
+BR_ERROR = 0x5204  # code, size, limit: the last command failed
+BR_TRANSACTION = 0x5205  # node, code, flags, offset, data_len, pid, uid, gid
+BR_REPLY = 0x5206  # offset, data_len
+BR_TRANSACTION_COMPLETE = 0x5207  # a oneway transaction was copied into its target
+BR_DEAD_REPLY = 0x5208  # the target died before answering
+BR_FAILED_REPLY = 0x5209  # code, size, limit: the transaction could not be delivered
+BR_RELEASE_NODE = 0x520A  # node, count: no remote references left to a local node
+
+# -- the calling convention inside parcel bodies ---------------------------------
+# A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
+REPLY_OK = 0  # [REPLY_OK, result]
+REPLY_EXCEPTION = 1  # [REPLY_EXCEPTION, module, qualname, message, traceback]
+REPLY_BINDER_ERROR = 2  # [REPLY_BINDER_ERROR, error code (errors.ERROR_CODES), message]
+
+#: The first user transaction code (binder's FIRST_CALL_TRANSACTION).
+FIRST_CALL_TRANSACTION = 1
+
+# -- the service manager at handle 0, served inside the broker ---------------------
+SERVICE_MANAGER_DESCRIPTOR = "pybinder.IServiceManager"
+SM_CHECK_SERVICE = 1  # (name) -> binder or None
+SM_WAIT_FOR_SERVICE = 2  # (name, timeout seconds or None) -> binder, or ServiceNotFoundError
+SM_ADD_SERVICE = 3  # (name, binder) -> None
+SM_LIST_SERVICES = 4  # () -> [name, ...]
+SM_STATUS = 5  # () -> the broker's status dict
+
+_FIELDS: dict[int, str] = {
+    BC_HELLO_PROCESS: "IQ",
+    BC_HELLO_THREAD: "IQ",
+    BC_SET_SEND_AREA: "Q",
+    BC_ENTER_LOOPER: "",
+    BC_TRANSACTION: "QIIQ",
+    BC_REPLY: "IQ",
+    BC_FREE_BUFFER: "Q",
+    BC_RELEASE: "QQ",
+    BC_EXIT_LOOPER: "",
+    BR_HELLO_PROCESS: "QQQ",
+    BR_HELLO_THREAD: "Q",
+    BR_OK: "",
+    BR_ERROR: "IQQ",
+    BR_TRANSACTION: "QIIQQiII",
+    BR_REPLY: "QQ",
+    BR_TRANSACTION_COMPLETE: "",
+    BR_DEAD_REPLY: "",
+    BR_FAILED_REPLY: "IQQ",
+    BR_RELEASE_NODE: "QQ",
+}
+
+#: One precompiled struct per command: the u32 code followed by its fields.
+COMMAND_STRUCTS: dict[int, struct.Struct] = {
+    cmd: struct.Struct("<I" + fields) for cmd, fields in _FIELDS.items()
+}
+
+COMMAND_NAMES: dict[int, str] = {
+    value: name for name, value in globals().items() if name.startswith(("BC_", "BR_"))
+}
+
+_CODE = struct.Struct("<I")
+
+
+def encode(cmd: int, *fields: int) -> bytes:
+    """Pack one command: ``encode(BC_FREE_BUFFER, offset)`` -> bytes.
+
+    Raises:
+        ProtocolError: unknown command or wrong number of fields.
+    """
+    try:
+        return COMMAND_STRUCTS[cmd].pack(cmd, *fields)
+    except (KeyError, struct.error) as exc:
+        raise ProtocolError(f"cannot encode command {cmd:#x} with {fields}: {exc}") from None
+
+
+def decode(message: bytes | memoryview) -> Iterator[tuple[int, ...]]:
+    """Split a message into commands; each is a tuple ``(cmd, field, ...)``.
+
+    Raises:
+        ProtocolError: an unknown command code or a truncated command.
+    """
+    pos = 0
+    end = len(message)
+    while pos < end:
+        if end - pos < 4:
+            raise ProtocolError(f"truncated command code at byte {pos} of {end}")
+        (cmd,) = _CODE.unpack_from(message, pos)
+        layout = COMMAND_STRUCTS.get(cmd)
+        if layout is None:
+            raise ProtocolError(f"unknown command {cmd:#x} at byte {pos}")
+        if end - pos < layout.size:
+            raise ProtocolError(
+                f"truncated {COMMAND_NAMES[cmd]}: {end - pos} of {layout.size} bytes"
+            )
+        yield layout.unpack_from(message, pos)
+        pos += layout.size

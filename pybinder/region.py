@@ -1,0 +1,122 @@
+"""Shared memory: receive regions (broker-written, owner-read-only) and send areas.
+
+A **receive region** is one process's mailbox, as binder's mmap'd buffer space. The
+broker creates it with ``posix_ipc.SharedMemory`` under a random /dev/shm name, opens
+a second, read-only descriptor for the owner, and removes the name at once: from then
+on only the broker (read-write) and the owner (read-only, via SCM_RIGHTS) hold it, no
+other process can open it by name, and nothing stays in /dev/shm when anyone dies.
+The owner maps its descriptor with ``PROT_READ``; because the descriptor is
+``O_RDONLY`` the kernel refuses ``PROT_WRITE`` mappings and ``mprotect`` upgrades
+(binder clears VM_MAYWRITE for the same effect). The file's mode is 0400, so reopening
+``/proc/self/fd/N`` for writing fails for any non-root user.
+
+A **send area** is one thread's outbox, shared with the broker only: a ``memfd`` the
+thread creates, sealed against shrinking (``F_SEAL_SHRINK``) so it cannot pull pages
+out from under the broker's mapping while the broker copies from it, and handed to
+the broker over the thread's socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import secrets
+
+import posix_ipc
+
+from pybinder.errors import ProtocolError
+
+#: Binder's default buffer space per process: 1 MiB minus two 4 KiB pages (BINDER_VM_SIZE).
+DEFAULT_REGION_SIZE = 1024 * 1024 - 8 * 1024
+
+#: The smallest region the broker hands out, in bytes.
+MIN_REGION_SIZE = 64 * 1024
+
+#: Prefix of every /dev/shm name this project creates (they live for microseconds).
+SHM_PREFIX = "pybinder-"
+
+#: Seals a send area must carry before the broker maps it.
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class BrokerRegion:
+    """The broker's read-write mapping of one process's receive region.
+
+    Attributes:
+        size: the region's size in bytes.
+        view: a writable memoryview of the whole region.
+    """
+
+    def __init__(self, size: int) -> None:
+        name = f"/{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        writable = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o400, size=size)
+        try:
+            readable = posix_ipc.SharedMemory(name, 0, read_only=True)
+        finally:
+            writable.unlink()
+        try:
+            self._map = mmap.mmap(writable.fd, size)
+        finally:
+            writable.close_fd()
+        self.size = size
+        self.view = memoryview(self._map)
+        self._owner_fd: int | None = readable.fd
+
+    def take_owner_fd(self) -> int:
+        """The read-only descriptor for the owner; the caller closes it after sending."""
+        fd, self._owner_fd = self._owner_fd, None
+        if fd is None:
+            raise RuntimeError("the owner's descriptor was already handed over")
+        return fd
+
+    def close(self) -> None:
+        """Unmap the region and close any descriptor not yet handed over."""
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+        self.view.release()
+        self._map.close()
+
+
+def map_region_readonly(fd: int, size: int) -> mmap.mmap:
+    """Map a receive region read-only in its owner (``PROT_READ``, ``MAP_SHARED``).
+
+    Raises:
+        OSError: the descriptor cannot be mapped.
+    """
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
+def create_send_area(size: int) -> tuple[int, mmap.mmap]:
+    """Create a sealed ``memfd`` of ``size`` bytes and map it; return ``(fd, mapping)``.
+
+    The caller sends ``fd`` to the broker and then closes it.
+    """
+    fd = os.memfd_create("pybinder-send", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_send_area(fd: int, size: int) -> mmap.mmap:
+    """The broker's read-only mapping of a thread's send area, after checking it is safe.
+
+    Raises:
+        ProtocolError: ``fd`` is not a memfd sealed against resizing, or is smaller
+            than ``size`` bytes.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ProtocolError("a send area must be a sealed memfd") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise ProtocolError(f"send area seals {seals:#x} lack {REQUIRED_SEALS:#x}")
+    actual = os.fstat(fd).st_size
+    if size <= 0 or actual < size:
+        raise ProtocolError(f"send area claims {size} bytes but holds {actual}")
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)

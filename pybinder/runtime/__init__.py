@@ -1,0 +1,1 @@
+"""What runs inside a user's process. Nothing here imports :mod:`pybinder.broker`."""

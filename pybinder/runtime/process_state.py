@@ -1,0 +1,379 @@
+"""One process's connection to the broker (libbinder's ProcessState): its read-only
+receive region, its thread states and thread pool, its local nodes and its handles."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import os
+import socket
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pybinder import protocol
+from pybinder.errors import BinderError, BrokerUnavailableError, ProtocolError
+from pybinder.parcel import OBJ_HANDLE, OBJ_NODE
+from pybinder.paths import resolve_socket_path
+from pybinder.protocol import (
+    BC_HELLO_PROCESS,
+    BC_RELEASE,
+    BR_HELLO_PROCESS,
+    MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    SERVICE_MANAGER_HANDLE,
+)
+from pybinder.region import map_region_readonly
+from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
+from pybinder.runtime.interface import Interface
+from pybinder.runtime.service_manager import IServiceManager
+from pybinder.runtime.thread_state import ThreadState
+
+I = TypeVar("I", bound=Interface)  # noqa: E741
+
+#: Seconds to wait for the broker's answer to a hello before giving up.
+HELLO_TIMEOUT = 10.0
+
+_live_states: weakref.WeakSet[ProcessState] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for state in list(_live_states):
+        state._forked = True
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class ProcessState:
+    """A process's membership in a broker; create with :func:`pybinder.connect`.
+
+    Args:
+        socket_path: the broker's socket (None: see :func:`pybinder.paths.resolve_socket_path`).
+        region_size: bytes of receive region to ask for (None: the broker's default,
+            1 MiB - 8 KiB); the broker caps it at its ``--max-region-size``.
+
+    Attributes:
+        region_size: the receive region's size in bytes, as granted.
+        max_parcel: the largest parcel the broker accepts, in bytes.
+
+    Raises:
+        BrokerUnavailableError: no broker answers on the socket.
+
+    Not usable after ``fork()`` in the child (as libbinder): connect again there.
+    """
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, region_size: int | None = None
+    ) -> None:
+        self.socket_path: Path = resolve_socket_path(socket_path)
+        self.closed = False
+        self._forked = False
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._thread_states: weakref.WeakSet[ThreadState] = weakref.WeakSet()
+        self._loopers: list[threading.Thread] = []
+        self._nodes: dict[int, list[Any]] = {}  # node id -> [binder, times sent]
+        self._node_ids: dict[int, int] = {}  # id(binder) -> node id
+        self._next_node = itertools.count(1)
+        self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
+        self._releases: collections.deque[bytes] = collections.deque()
+        self._sock = self.open_connection()
+        try:
+            self.key, self.region_size, self.max_parcel, fd = self._hello(region_size or 0)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.region_fd = fd
+        self._region = map_region_readonly(fd, self.region_size)
+        self.region_view = memoryview(self._region)
+        self.service_manager: Any = IServiceManager.Proxy(BinderProxy(self, SERVICE_MANAGER_HANDLE))
+        _live_states.add(self)
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def open_connection(self) -> socket.socket:
+        """A new connected socket to the broker.
+
+        Raises:
+            BrokerUnavailableError: nobody listens on the socket path.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = " (start one with `pybinder broker`)" if exc.errno in _NOBODY else ""
+            raise BrokerUnavailableError(
+                f"no broker at {self.socket_path}: {reason}{hint}"
+            ) from None
+        return sock
+
+    def _hello(self, region_size: int) -> tuple[int, int, int, int]:
+        sock = self._sock
+        sock.settimeout(HELLO_TIMEOUT)
+        try:
+            sock.send(protocol.encode(BC_HELLO_PROCESS, PROTOCOL_VERSION, region_size))
+            message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"the broker did not answer in {HELLO_TIMEOUT} s"
+            ) from None
+        except OSError as exc:
+            raise BrokerUnavailableError(f"lost the broker during hello: {exc}") from None
+        sock.settimeout(None)
+        commands = list(protocol.decode(message)) if message else []
+        if len(commands) != 1 or commands[0][0] != BR_HELLO_PROCESS or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise BrokerUnavailableError(f"the broker refused this process: {commands}")
+        _, key, size, max_parcel = commands[0]
+        return key, size, max_parcel, fds[0]
+
+    def thread_state(self) -> ThreadState:
+        """This thread's :class:`ThreadState`, connecting it on first use.
+
+        Raises:
+            BinderError: the process state is closed, or this is a forked child.
+        """
+        state: ThreadState | None = getattr(self._local, "state", None)
+        if state is None or self.closed or self._forked:
+            self._check_usable()
+            state = ThreadState(self)
+            self._local.state = state
+            self._thread_states.add(state)
+        return state
+
+    def _check_usable(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            raise BinderError("a process state cannot be used after fork(); connect again")
+        if self.closed:
+            raise BinderError("this process state is closed")
+
+    # -- service manager -------------------------------------------------------------------
+
+    def add_service(self, name: str, binder: Binder) -> None:
+        """Register a local object under ``name`` (servicemanager addService).
+
+        Raises:
+            PermissionError: another uid registered ``name``.
+            ValueError: ``name`` is empty or longer than 255 characters.
+        """
+        self.service_manager.add_service(name, binder)
+
+    def get_service(
+        self, name: str, interface: type[I] | None = None, timeout: float | None = 5.0
+    ) -> Any:
+        """The service ``name``, waiting up to ``timeout`` seconds for it to appear.
+
+        Returns ``interface.Proxy`` (or the local object itself, if this process
+        registered it) when ``interface`` is given, else a :class:`BinderProxy`.
+
+        Raises:
+            ServiceNotFoundError: no such service within ``timeout`` (None: wait forever).
+        """
+        binder = self.service_manager.wait_for_service(name, timeout)
+        return interface.as_interface(binder) if interface is not None else binder
+
+    def check_service(self, name: str, interface: type[I] | None = None) -> Any:
+        """The service ``name`` if registered now, else None (never waits)."""
+        binder = self.service_manager.check_service(name)
+        if binder is None or interface is None:
+            return binder
+        return interface.as_interface(binder)
+
+    def list_services(self) -> list[str]:
+        """The names of every registered service, sorted."""
+        return list(self.service_manager.list_services())
+
+    def status(self) -> dict[str, Any]:
+        """The broker's status: ``{"broker": {...}, "processes": [...], "services": {...}}``.
+
+        Byte counts include ``bytes_copied`` (every parcel byte the broker copied) and
+        ``buffer_bytes_copied`` (the out-of-band payload bytes among them).
+        """
+        return dict(self.service_manager.status())
+
+    # -- thread pool ---------------------------------------------------------------------------
+
+    def start_thread_pool(self, max_threads: int = 4) -> None:
+        """Start background looper threads until ``max_threads`` serve this process.
+
+        Each looper takes one transaction at a time, so up to ``max_threads`` calls run
+        at once. Calling again with a larger number adds loopers.
+        """
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self._check_usable()
+        with self._lock:
+            while len(self._loopers) < max_threads:
+                looper = threading.Thread(
+                    target=self._run_looper,
+                    name=f"pybinder-looper-{len(self._loopers) + 1}",
+                    daemon=True,
+                )
+                self._loopers.append(looper)
+                looper.start()
+
+    def join_thread_pool(self) -> None:
+        """Serve transactions on the calling thread until :meth:`close` (or the broker goes).
+
+        Raises:
+            BrokerUnavailableError: the broker went away while the process was open.
+        """
+        self.thread_state().join_looper()
+
+    def _run_looper(self) -> None:
+        try:
+            self.thread_state().join_looper()
+        except BrokerUnavailableError:
+            if not self.closed:
+                raise
+
+    # -- objects in parcels ----------------------------------------------------------------------
+
+    def encode_object(self, obj: Any) -> tuple[int, int] | None:
+        """The object-table entry for a binder object in an outgoing parcel, or None.
+
+        A local :class:`Binder` becomes a node (kept alive until the broker says no
+        other process holds it); a proxy becomes its handle.
+        """
+        if isinstance(obj, Binder):
+            return OBJ_NODE, self._node_id(obj)
+        if isinstance(obj, ProxyBase):
+            obj = obj.binder
+        if isinstance(obj, BinderProxy):
+            if obj.process is not self:
+                raise TypeError("a proxy can only be sent through the process state it came from")
+            return OBJ_HANDLE, obj.handle
+        return None
+
+    def decode_object(self, kind: int, value: int) -> Any:
+        """The object for an object-table entry of an incoming parcel.
+
+        Raises:
+            ProtocolError: an unknown node or kind.
+        """
+        if kind == OBJ_NODE:
+            return self.local_node(value)
+        if kind == OBJ_HANDLE:
+            return self._proxy(value)
+        raise ProtocolError(f"unknown object kind {kind}")
+
+    def local_node(self, node_id: int) -> Binder:
+        """The local object the broker calls ``node_id``.
+
+        Raises:
+            ProtocolError: no such node.
+        """
+        with self._lock:
+            entry = self._nodes.get(node_id)
+        if entry is None:
+            raise ProtocolError(f"no local node {node_id}")
+        binder: Binder = entry[0]
+        return binder
+
+    def node_released(self, node_id: int, count: int) -> None:
+        """BR_RELEASE_NODE: ``count`` of our sends of ``node_id`` are no longer held."""
+        with self._lock:
+            entry = self._nodes.get(node_id)
+            if entry is None:
+                return
+            entry[1] -= count
+            if entry[1] <= 0:
+                del self._nodes[node_id]
+                del self._node_ids[id(entry[0])]
+
+    def _node_id(self, binder: Binder) -> int:
+        with self._lock:
+            node_id = self._node_ids.get(id(binder))
+            if node_id is None:
+                node_id = next(self._next_node)
+                self._node_ids[id(binder)] = node_id
+                self._nodes[node_id] = [binder, 0]
+            self._nodes[node_id][1] += 1
+            return node_id
+
+    def _proxy(self, handle: int) -> BinderProxy:
+        with self._lock:
+            proxy = self._proxies.get(handle)
+            if proxy is None:
+                proxy = BinderProxy(self, handle)
+                deliveries = [0]
+                proxy._deliveries = deliveries  # type: ignore[attr-defined]
+                weakref.finalize(proxy, self._queue_release, handle, deliveries)
+                self._proxies[handle] = proxy
+            proxy._deliveries[0] += 1  # type: ignore[attr-defined]
+            return proxy
+
+    def _queue_release(self, handle: int, deliveries: list[int]) -> None:
+        if not self.closed and not self._forked:
+            self._releases.append(protocol.encode(BC_RELEASE, handle, deliveries[0]))
+
+    def take_releases(self) -> list[bytes]:
+        """BC_RELEASE commands queued by dropped proxies, batched into messages."""
+        if not self._releases:
+            return []
+        batch: list[bytes] = []
+        current = b""
+        while self._releases:
+            command = self._releases.popleft()
+            if len(current) + len(command) > MAX_MESSAGE:
+                batch.append(current)
+                current = b""
+            current += command
+        batch.append(current)
+        return batch
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the broker: stop loopers, close every connection, unmap the region.
+
+        The broker then treats this process as dead: its services go away and
+        callers waiting on it get DeadObjectError.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for state in list(self._thread_states):
+            state.close()
+        current = threading.current_thread()
+        for looper in self._loopers:
+            if looper is not current:
+                looper.join(timeout=5.0)
+        self._sock.close()
+        try:
+            self.region_view.release()
+            self._region.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the last one
+        os.close(self.region_fd)
+
+    def __enter__(self) -> ProcessState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"region {self.region_size} bytes"
+        return f"<ProcessState {self.socket_path} {state}>"
+
+
+_NOBODY = (errno.ENOENT, errno.ECONNREFUSED)
+
+
+def connect(
+    socket_path: str | os.PathLike[str] | None = None, *, region_size: int | None = None
+) -> ProcessState:
+    """Join the broker as a process; see :class:`ProcessState`.
+
+    Raises:
+        BrokerUnavailableError: no broker answers on the socket.
+    """
+    return ProcessState(socket_path, region_size=region_size)

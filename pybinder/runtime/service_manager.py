@@ -1,0 +1,42 @@
+"""The client's view of the service manager at handle 0 (IServiceManager).
+
+The methods are declared in the order of the codes in :mod:`pybinder.protocol`
+(SM_CHECK_SERVICE = 1 ...), which the broker's service manager serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pybinder import protocol
+from pybinder.runtime.interface import Interface, method
+
+
+class IServiceManager(Interface):
+    """Name -> binder registry (Android's IServiceManager)."""
+
+    DESCRIPTOR = protocol.SERVICE_MANAGER_DESCRIPTOR
+
+    @method
+    def check_service(self, name: str) -> Any:
+        """The binder registered as ``name``, or None."""
+
+    @method
+    def wait_for_service(self, name: str, timeout: float | None) -> Any:
+        """The binder registered as ``name``, waiting up to ``timeout`` seconds.
+
+        Raises:
+            ServiceNotFoundError: it did not appear in time.
+        """
+
+    @method
+    def add_service(self, name: str, binder: Any) -> None:
+        """Register ``binder`` as ``name``."""
+
+    @method
+    def list_services(self) -> list[str]:
+        """Every registered name, sorted."""
+
+    @method
+    def status(self) -> dict[str, Any]:
+        """The broker's counters and connected processes."""

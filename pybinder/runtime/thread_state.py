@@ -1,0 +1,307 @@
+"""One thread's channel to the broker (libbinder's IPCThreadState).
+
+Each thread that calls or serves gets its own SOCK_SEQPACKET connection and its own
+send area. A thread waiting for a reply also serves transactions the broker routes
+back to it (a nested call from the process it is waiting on), so a single-threaded
+client can take callbacks without deadlocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from pybinder import parcel, protocol
+from pybinder.errors import (
+    ERROR_CODES,
+    BinderError,
+    BrokerUnavailableError,
+    DeadObjectError,
+    ProtocolError,
+    TransactionTooLargeError,
+)
+from pybinder.protocol import (
+    BC_ENTER_LOOPER,
+    BC_FREE_BUFFER,
+    BC_HELLO_THREAD,
+    BC_REPLY,
+    BC_SET_SEND_AREA,
+    BC_TRANSACTION,
+    BR_DEAD_REPLY,
+    BR_ERROR,
+    BR_FAILED_REPLY,
+    BR_HELLO_THREAD,
+    BR_OK,
+    BR_RELEASE_NODE,
+    BR_REPLY,
+    BR_TRANSACTION,
+    BR_TRANSACTION_COMPLETE,
+    MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    REPLY_EXCEPTION,
+    TF_ONE_WAY,
+)
+from pybinder.region import create_send_area
+from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
+
+if TYPE_CHECKING:
+    from pybinder.runtime.process_state import ProcessState
+
+log = logging.getLogger("pybinder")
+
+#: A new send area is at least this large, in bytes.
+MIN_SEND_AREA = 64 * 1024
+
+_ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0)
+_OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
+
+_identity = threading.local()
+
+
+def get_calling_pid() -> int:
+    """The pid of the process whose call this thread is running (binder's
+    getCallingPid); this process's own pid outside a call."""
+    stack = getattr(_identity, "stack", None)
+    return stack[-1][0] if stack else os.getpid()
+
+
+def get_calling_uid() -> int:
+    """The uid of the calling process, from the kernel (SO_PEERCRED); own uid outside a call."""
+    stack = getattr(_identity, "stack", None)
+    return stack[-1][1] if stack else os.getuid()
+
+
+def get_calling_gid() -> int:
+    """The gid of the calling process, from the kernel (SO_PEERCRED); own gid outside a call."""
+    stack = getattr(_identity, "stack", None)
+    return stack[-1][2] if stack else os.getgid()
+
+
+class ThreadState:
+    """A thread's connection, send area and wait loop.
+
+    Raises:
+        BrokerUnavailableError: from the constructor, if the broker cannot be reached.
+    """
+
+    def __init__(self, process: ProcessState) -> None:
+        self._process = process
+        self._sock = process.open_connection()
+        self._send_map: mmap.mmap | None = None
+        self._send_view: memoryview | None = None
+        self._closed = False
+        try:
+            self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
+            self._wait_for(BR_HELLO_THREAD)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    # -- calling ------------------------------------------------------------------------
+
+    def transact(
+        self, handle: int, code: int, encoded: parcel.EncodedParcel, flags: int
+    ) -> tuple[int, int] | None:
+        """Send a transaction; wait for its reply ``(offset, size)`` in this process's
+        region, or for the oneway acknowledgement (None).
+
+        Raises:
+            DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
+        """
+        size = self._write(encoded)
+        self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, size))
+        outcome = self._wait_for(*_OUTCOMES)
+        op = outcome[0]
+        if op == BR_REPLY:
+            return outcome[1], outcome[2]
+        if op == BR_TRANSACTION_COMPLETE:
+            return None
+        if op == BR_DEAD_REPLY:
+            raise DeadObjectError(f"the process behind handle {handle} has died")
+        raise _failure(outcome[1], outcome[2], outcome[3])
+
+    def free_buffer(self, offset: int) -> None:
+        """Give a reply buffer back to the broker (BC_FREE_BUFFER)."""
+        self._send(protocol.encode(BC_FREE_BUFFER, offset))
+
+    # -- serving ------------------------------------------------------------------------
+
+    def join_looper(self) -> None:
+        """Serve incoming transactions on this thread until the process state closes."""
+        self._send(protocol.encode(BC_ENTER_LOOPER))
+        while True:
+            try:
+                message = self._recv()
+            except BrokerUnavailableError:
+                if self._process.closed:
+                    return
+                raise
+            try:
+                for command in protocol.decode(message):
+                    self._handle(command)
+            except BinderError as exc:
+                log.error("looper %s: %s", threading.current_thread().name, exc)
+
+    def _handle(self, command: tuple[int, ...]) -> None:
+        """Handle a return that is not the outcome a caller waits for."""
+        op = command[0]
+        if op == BR_TRANSACTION:
+            self._execute(*command[1:])
+        elif op == BR_RELEASE_NODE:
+            self._process.node_released(command[1], command[2])
+        elif op == BR_ERROR:
+            raise ProtocolError(f"the broker rejected a command (error {command[1]})")
+        else:
+            raise ProtocolError(f"unexpected {protocol.COMMAND_NAMES.get(op, hex(op))}")
+
+    def _execute(
+        self, node: int, code: int, flags: int, offset: int, size: int, pid: int, uid: int, gid: int
+    ) -> None:
+        """Run one incoming transaction in place and answer it (BC_FREE_BUFFER + BC_REPLY)."""
+        process = self._process
+        stack = _identity.__dict__.setdefault("stack", [])
+        stack.append((pid, uid, gid))
+        views: list[memoryview] = []
+        try:
+            with process.region_view[offset : offset + size] as data:
+                try:
+                    target = process.local_node(node)
+                    body, views = parcel.decode(data, process.decode_object)
+                    reply = run_call(target, code, body)
+                except BinderError as exc:
+                    reply = binder_error_reply(exc)
+                finally:
+                    for view in views:
+                        _release(view)
+        finally:
+            stack.pop()
+        free = protocol.encode(BC_FREE_BUFFER, offset)
+        if flags & TF_ONE_WAY:
+            if reply[0] == REPLY_EXCEPTION:
+                log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
+            self._send(free + _ONEWAY_DONE)
+            return
+        encoded = encode_reply(reply, process)
+        try:
+            reply_size = self._write(encoded)
+        except TransactionTooLargeError as exc:
+            reply_size = self._write(parcel.encode(binder_error_reply(exc)))
+        self._send(free + protocol.encode(BC_REPLY, 0, reply_size))
+
+    # -- the send area --------------------------------------------------------------------
+
+    def _write(self, encoded: parcel.EncodedParcel) -> int:
+        """Write a parcel into the send area (growing it if needed); return its size."""
+        if self._send_view is None or encoded.size > len(self._send_view):
+            self._grow(encoded.size)
+        assert self._send_view is not None
+        return encoded.write_into(self._send_view)
+
+    def _grow(self, needed: int) -> None:
+        limit = self._process.max_parcel
+        if needed > limit:
+            raise TransactionTooLargeError(
+                f"parcel of {needed} bytes exceeds the broker's limit of {limit} bytes",
+                needed,
+                limit,
+            )
+        current = 0 if self._send_view is None else len(self._send_view)
+        size = min(limit, max(needed, 2 * current, MIN_SEND_AREA))
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        fd, mapping = create_send_area(size)
+        try:
+            socket.send_fds(self._sock, [protocol.encode(BC_SET_SEND_AREA, size)], [fd])
+        except OSError as exc:
+            mapping.close()
+            raise BrokerUnavailableError(f"lost the broker: {exc}") from None
+        finally:
+            os.close(fd)
+        self._wait_for(BR_OK)
+        if self._send_view is not None:
+            self._send_view.release()
+            assert self._send_map is not None
+            self._send_map.close()
+        self._send_map, self._send_view = mapping, memoryview(mapping)
+
+    # -- the socket --------------------------------------------------------------------------
+
+    def _send(self, message: bytes) -> None:
+        releases = self._process.take_releases()
+        try:
+            for extra in releases:
+                self._sock.send(extra)
+            self._sock.send(message)
+        except OSError as exc:
+            raise BrokerUnavailableError(f"lost the broker: {exc}") from None
+
+    def _recv(self) -> bytes:
+        try:
+            message = self._sock.recv(MAX_MESSAGE)
+        except OSError as exc:
+            raise BrokerUnavailableError(f"lost the broker: {exc}") from None
+        if not message:
+            raise BrokerUnavailableError("the broker closed the connection")
+        return message
+
+    def _wait_for(self, *wanted: int) -> tuple[int, ...]:
+        """Receive until one of ``wanted`` arrives, serving everything else meanwhile.
+
+        A BR_ERROR that arrives first is raised after the outcome, so the outcome is
+        never left behind in the socket for the next call to misread.
+        """
+        error: ProtocolError | None = None
+        while True:
+            outcome: tuple[int, ...] | None = None
+            for command in protocol.decode(self._recv()):
+                if command[0] in wanted:
+                    outcome = command
+                elif command[0] == BR_ERROR:
+                    error = ProtocolError(f"the broker rejected a command (error {command[1]})")
+                    if BR_OK in wanted or BR_HELLO_THREAD in wanted:
+                        raise error
+                else:
+                    self._handle(command)
+            if outcome is not None:
+                if error is not None:
+                    if outcome[0] == BR_REPLY:
+                        self.free_buffer(outcome[1])
+                    raise error
+                return outcome
+
+    def close(self) -> None:
+        """Close the connection (waking a thread blocked on it) and the send area."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._send_view is not None:
+            _release(self._send_view)
+            try:
+                assert self._send_map is not None
+                self._send_map.close()
+            except BufferError:
+                pass
+
+
+def _failure(code: int, size: int, limit: int) -> BinderError:
+    error_type = ERROR_CODES.get(code, BinderError)
+    if error_type is TransactionTooLargeError:
+        return TransactionTooLargeError(
+            f"parcel of {size} bytes does not fit: the target has {limit} bytes free", size, limit
+        )
+    if error_type is ProtocolError:
+        return ProtocolError(f"the broker rejected the transaction (size {size}, detail {limit})")
+    return error_type(f"transaction failed (size {size}, limit {limit})")
+
+
+def _release(view: memoryview) -> None:
+    """Invalidate a memoryview handed to user code; one still exported stays valid."""
+    with contextlib.suppress(BufferError):
+        view.release()

@@ -1,0 +1,153 @@
+"""Fixtures: a real broker process per test, real peer processes, and checks that
+every test leaves /dev/shm and the process table as it found them."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pybinder
+from pybinder.region import SHM_PREFIX
+
+PEERS = Path(__file__).with_name("peers.py")
+READY_TIMEOUT = 20.0
+
+
+class Peer:
+    """A child process started with ``python tests/peers.py ROLE ...`` or any argv."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.pid = self.proc.pid
+
+    def readline(self, timeout: float = READY_TIMEOUT) -> str:
+        """The next line of the child's stdout, or fail after ``timeout`` seconds."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"no output from {self.proc.args} in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"{self.proc.args} exited ({self.proc.poll()}): {err}")
+        return line.strip()
+
+    def wait_ready(self, word: str = "ready") -> str:
+        line = self.readline()
+        assert line.startswith(word), f"expected {word!r}, got {line!r}"
+        return line
+
+    def stop(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+class Cluster:
+    """Starts and finally stops every process of one test."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket = socket_path
+        self.peers: list[Peer] = []
+
+    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> Peer:
+        peer = Peer(argv, env)
+        self.peers.append(peer)
+        return peer
+
+    def peer(self, role: str, *args: object) -> Peer:
+        return self.spawn([sys.executable, str(PEERS), role, self.socket, *map(str, args)])
+
+    def server(self, region_size: int = 4 << 20, threads: int = 4) -> Peer:
+        peer = self.peer("server", region_size, threads)
+        peer.wait_ready()
+        return peer
+
+    def broker(self, *extra: str) -> Peer:
+        argv = [sys.executable, "-m", "pybinder", "broker", "--socket", self.socket, *extra]
+        peer = self.spawn(argv)
+        line = peer.readline()
+        assert "listening" in line and self.socket in line, line
+        return peer
+
+    def close(self) -> None:
+        for peer in reversed(self.peers):
+            peer.stop(signal.SIGTERM if peer is self.peers[0] else signal.SIGKILL)
+
+
+def our_shm_entries() -> set[str]:
+    """/dev/shm entries of this project (every name it creates starts with SHM_PREFIX).
+
+    Other software on a shared machine may add its own entries meanwhile; those are
+    not ours to judge.
+    """
+    return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_trace() -> Iterator[None]:
+    """Fail a test that leaves a /dev/shm entry or a child process behind."""
+    before = our_shm_entries()
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        added = our_shm_entries() - before
+        children = psutil.Process().children(recursive=True)
+        if not added and not children:
+            return
+        if time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+            raise AssertionError(f"left behind: /dev/shm {sorted(added)}, processes {children}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short private directory for sockets (AF_UNIX paths must stay < 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="pb-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(socket_dir: Path) -> Iterator[Cluster]:
+    """A running broker (64 MiB max region) and a place to start more processes."""
+    group = Cluster(str(socket_dir / "broker.sock"))
+    try:
+        group.broker("--max-region-size", str(64 << 20))
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.fixture
+def proc(cluster: Cluster) -> Iterator[pybinder.ProcessState]:
+    """This test process, connected to the cluster's broker as a client."""
+    with pybinder.connect(cluster.socket, region_size=32 << 20) as state:
+        yield state

@@ -1,0 +1,190 @@
+"""Peer processes for the tests: ``python tests/peers.py ROLE SOCKET [ARGS...]``.
+
+Each role runs in its own interpreter, connects to a real broker and prints one
+line starting with ``ready`` once it can be called.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import pybinder
+
+
+class ITest(pybinder.Interface):
+    """Everything the tests exercise, in one interface."""
+
+    DESCRIPTOR = "tests.ITest"
+
+    @pybinder.method
+    def echo(self, value: Any) -> Any: ...
+
+    @pybinder.method
+    def digest(self, data: Any) -> list[Any]:
+        """[type name, sha256 hex, readonly, error type of a write attempt]."""
+
+    @pybinder.method
+    def blob(self, size: int) -> bytes:
+        """``size`` deterministic bytes (so the caller can check them)."""
+
+    @pybinder.method
+    def who(self) -> list[int]:
+        """[calling pid, calling uid, calling gid] as the server sees them."""
+
+    @pybinder.oneway
+    def record(self, value: Any) -> None: ...
+
+    @pybinder.method
+    def recorded(self) -> list[Any]: ...
+
+    @pybinder.method
+    def fail(self, kind: str, message: str) -> None: ...
+
+    @pybinder.method
+    def sleep(self, seconds: float) -> int: ...
+
+    @pybinder.method
+    def call_back(self, callback: Any, value: Any) -> Any: ...
+
+    @pybinder.method
+    def add(self, a: int, b: int) -> int: ...
+
+    @pybinder.method
+    def keep(self, data: Any) -> None:
+        """Keep a reference to ``data`` past the call (it must be invalidated)."""
+
+    @pybinder.method
+    def unsendable(self) -> Any:
+        """Return something msgpack cannot carry."""
+
+    @pybinder.method
+    def read_kept(self) -> str:
+        """Try to read the kept view; the error type name, or "readable"."""
+
+
+class ICallback(pybinder.Interface):
+    DESCRIPTOR = "tests.ICallback"
+
+    @pybinder.method
+    def on_value(self, value: Any) -> Any: ...
+
+
+class CustomError(Exception):
+    pass
+
+
+def pattern(size: int) -> bytes:
+    """Deterministic bytes of ``size``."""
+    block = hashlib.sha256(b"pybinder").digest() * 128
+    return (block * (size // len(block) + 1))[:size]
+
+
+class TestService(ITest.Stub):
+    def __init__(self) -> None:
+        self._recorded: list[Any] = []
+        self._lock = threading.Lock()
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def digest(self, data: Any) -> list[Any]:
+        error = "none"
+        try:
+            data[0] = 0
+        except Exception as exc:
+            error = type(exc).__name__
+        readonly = getattr(data, "readonly", None)
+        return [type(data).__name__, hashlib.sha256(data).hexdigest(), readonly, error]
+
+    def blob(self, size: int) -> bytes:
+        return pattern(size)
+
+    def who(self) -> list[int]:
+        return [pybinder.get_calling_pid(), pybinder.get_calling_uid(), pybinder.get_calling_gid()]
+
+    def record(self, value: Any) -> None:
+        if isinstance(value, memoryview):
+            value = bytes(value)  # the view is only valid until this method returns
+        with self._lock:
+            self._recorded.append(value)
+
+    def recorded(self) -> list[Any]:
+        with self._lock:
+            return list(self._recorded)
+
+    def fail(self, kind: str, message: str) -> None:
+        error_type = CustomError if kind == "custom" else getattr(builtins, kind)
+        raise error_type(message)
+
+    def sleep(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return os.getpid()
+
+    def call_back(self, callback: Any, value: Any) -> Any:
+        return ICallback.as_interface(callback).on_value(value)
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def keep(self, data: Any) -> None:
+        self._kept = data
+
+    def unsendable(self) -> Any:
+        return object()
+
+    def read_kept(self) -> str:
+        try:
+            bytes(self._kept[:1])
+        except Exception as exc:
+            return type(exc).__name__
+        return "readable"
+
+
+def serve(socket_path: str, region_size: int, threads: int) -> None:
+    with pybinder.connect(socket_path, region_size=region_size) as proc:
+        proc.add_service("test", TestService())
+        proc.start_thread_pool(threads)
+        print(f"ready {os.getpid()}", flush=True)
+        proc.join_thread_pool()
+
+
+def hammer(socket_path: str, calls: int) -> None:
+    """Make ``calls`` add() calls; print how many answers were right."""
+    with pybinder.connect(socket_path) as proc:
+        service = proc.get_service("test", ITest, timeout=10)
+        print("ready", flush=True)
+        right = sum(service.add(i, os.getpid()) == i + os.getpid() for i in range(calls))
+        print(f"right {right}", flush=True)
+
+
+def idle_client(socket_path: str) -> None:
+    """Connect, call once, then wait to be killed."""
+    with pybinder.connect(socket_path) as proc:
+        service = proc.get_service("test", ITest, timeout=10)
+        service.echo(pattern(64 * 1024))
+        print("ready", flush=True)
+        time.sleep(60)
+
+
+def main(argv: list[str]) -> None:
+    role, socket_path, *rest = argv
+    if role == "server":
+        region_size = int(rest[0]) if rest else 4 * 1024 * 1024
+        threads = int(rest[1]) if len(rest) > 1 else 4
+        serve(socket_path, region_size, threads)
+    elif role == "hammer":
+        hammer(socket_path, int(rest[0]))
+    elif role == "idle-client":
+        idle_client(socket_path)
+    else:
+        raise SystemExit(f"unknown role {role}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
