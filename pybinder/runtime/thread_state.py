@@ -14,7 +14,7 @@ import mmap
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pybinder import parcel, protocol
 from pybinder.errors import (
@@ -162,8 +162,13 @@ class ThreadState:
     def _execute(
         self, node: int, code: int, flags: int, offset: int, size: int, pid: int, uid: int, gid: int
     ) -> None:
-        """Run one incoming transaction in place and answer it (BC_FREE_BUFFER + BC_REPLY)."""
+        """Run one incoming transaction in place and answer it (BC_FREE_BUFFER + BC_REPLY).
+
+        The arguments' in-place views stay valid until the reply is in the send area
+        (a method may return them), and are released before the buffer is freed.
+        """
         process = self._process
+        oneway = flags & TF_ONE_WAY
         stack = _identity.__dict__.setdefault("stack", [])
         stack.append((pid, uid, gid))
         views: list[memoryview] = []
@@ -175,23 +180,25 @@ class ThreadState:
                     reply = run_call(target, code, body)
                 except BinderError as exc:
                     reply = binder_error_reply(exc)
-                finally:
-                    for view in views:
-                        _release(view)
+                reply_size = 0 if oneway else self._write_reply(reply)
+                for view in views:
+                    _release(view)
         finally:
             stack.pop()
         free = protocol.encode(BC_FREE_BUFFER, offset)
-        if flags & TF_ONE_WAY:
+        if oneway:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
             self._send(free + _ONEWAY_DONE)
-            return
-        encoded = encode_reply(reply, process)
+        else:
+            self._send(free + protocol.encode(BC_REPLY, 0, reply_size))
+
+    def _write_reply(self, reply: list[Any]) -> int:
+        """Encode a reply body into the send area; return its size in bytes."""
         try:
-            reply_size = self._write(encoded)
+            return self._write(encode_reply(reply, self._process))
         except TransactionTooLargeError as exc:
-            reply_size = self._write(parcel.encode(binder_error_reply(exc)))
-        self._send(free + protocol.encode(BC_REPLY, 0, reply_size))
+            return self._write(parcel.encode(binder_error_reply(exc)))
 
     # -- the send area --------------------------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""The pure pieces on their own: allocator, parcel format, frames, and the layering
+rule (the broker never imports the runtime, the runtime never imports the broker)."""
+
+from __future__ import annotations
+
+import ast
+import random
+from pathlib import Path
+
+import pytest
+
+from pybinder import parcel, protocol
+from pybinder.broker.allocator import ALIGNMENT, BufferAllocator
+from pybinder.errors import ProtocolError
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pybinder"
+
+
+def test_allocator_takes_the_best_fitting_hole():
+    alloc = BufferAllocator(64 * 1024)
+    a = alloc.allocate(1000)
+    b = alloc.allocate(8000)
+    c = alloc.allocate(1000)
+    d = alloc.allocate(3000)
+    alloc.allocate(1000)
+    alloc.free(b)  # an 8000-byte hole
+    alloc.free(d)  # a 3008-byte hole
+    assert alloc.allocate(2000) == d  # the smaller hole that fits
+    assert alloc.allocate(5000) == b
+    assert {a, c} < set(alloc._allocated)
+
+
+def test_allocator_coalesces_neighbours_back_into_one_range():
+    alloc = BufferAllocator(1 << 20)
+    offsets = [alloc.allocate(4096 + i) for i in range(100)]
+    random.Random(7).shuffle(offsets)
+    for offset in offsets:
+        alloc.free(offset)
+    assert alloc.in_use == 0
+    assert alloc.largest_free() == 1 << 20
+    assert alloc.allocate(1 << 20) == 0
+
+
+def test_allocator_never_overlaps_and_accounts_every_byte():
+    alloc = BufferAllocator(256 * 1024)
+    rng = random.Random(1)
+    live: dict[int, int] = {}
+    for _ in range(3000):
+        if live and rng.random() < 0.45:
+            offset = rng.choice(list(live))
+            alloc.free(offset)
+            del live[offset]
+        else:
+            size = rng.choice([1, 64, 100, 4096, 30000])
+            offset = alloc.allocate(size)
+            if offset is None:
+                assert alloc.largest_free() < BufferAllocator.rounded(size)
+                continue
+            assert offset % ALIGNMENT == 0
+            live[offset] = BufferAllocator.rounded(size)
+        spans = sorted(live.items())
+        assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+        assert alloc.in_use == sum(live.values())
+
+
+def test_freeing_an_unknown_offset_is_a_key_error():
+    alloc = BufferAllocator(65536)
+    with pytest.raises(KeyError):
+        alloc.free(64)
+
+
+def test_parcel_round_trip_with_buffers_and_objects():
+    payload = bytes(range(256)) * 64
+    value = {"small": b"abc", "big": payload, "items": [1, payload, parcel.ObjectRef(2, 9)]}
+    encoded = parcel.encode(value)
+    assert len(encoded.buffers) == 2 and encoded.objects == [(2, 9)]
+    out = bytearray(encoded.size)
+    assert encoded.write_into(out) == encoded.size
+    decoded, views = parcel.decode(memoryview(out))
+    assert decoded["small"] == b"abc"
+    assert bytes(decoded["big"]) == payload and len(views) == 2
+    assert decoded["items"][2] == parcel.ObjectRef(2, 9)
+    for view in views:
+        view.release()
+
+
+def corrupt(field_offset: int, fmt: str, value: int) -> bytearray:
+    import struct
+
+    encoded = parcel.encode([b"x" * 8192])
+    out = bytearray(encoded.size)
+    encoded.write_into(out)
+    struct.pack_into(fmt, out, field_offset, value)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value", "message"),
+    [
+        (0, "<I", 0x12345678, "magic"),
+        (24, "<Q", 10**9, "header says"),
+        (16, "<I", 10**6, "body ends"),
+        (8, "<I", 10**6, "too many"),
+        (32, "<Q", 40, "outside"),
+        (40, "<Q", 10**9, "outside"),
+    ],
+    ids=["magic", "total", "body", "objects", "buffer-start", "buffer-length"],
+)
+def test_parse_header_rejects_every_out_of_bounds_field(offset, fmt, value, message):
+    with pytest.raises(ProtocolError, match=message):
+        parcel.parse_header(corrupt(offset, fmt, value))
+
+
+def test_frames_round_trip_and_reject_garbage():
+    message = protocol.encode(protocol.BC_FREE_BUFFER, 64) + protocol.encode(
+        protocol.BC_REPLY, 0, 100
+    )
+    assert list(protocol.decode(message)) == [
+        (protocol.BC_FREE_BUFFER, 64),
+        (protocol.BC_REPLY, 0, 100),
+    ]
+    with pytest.raises(ProtocolError, match="unknown command"):
+        list(protocol.decode(b"\xff\xff\xff\xff"))
+    with pytest.raises(ProtocolError, match="truncated"):
+        list(protocol.decode(message[:-1]))
+
+
+def imported_modules(directory: Path) -> set[str]:
+    names: set[str] = set()
+    for path in directory.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+SHARED = ("errors", "paths", "parcel", "protocol", "region")
+
+
+def pybinder_parts(directory: Path) -> set[str]:
+    """The pybinder subpackages and modules ``directory``'s code imports from."""
+    return {
+        name.split(".")[1]
+        for name in imported_modules(directory)
+        if name.startswith("pybinder.") and name.count(".") >= 1
+    }
+
+
+def test_broker_never_imports_the_runtime_and_back():
+    assert pybinder_parts(PACKAGE / "broker") <= {"broker", *SHARED}
+    assert pybinder_parts(PACKAGE / "runtime") <= {"runtime", *SHARED}
