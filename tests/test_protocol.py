@@ -185,7 +185,7 @@ class IExtended(pybinder.Interface):
 def test_a_mismatched_interface_is_refused_not_misrouted(cluster, proc):
     cluster.server()
     wrong = proc.get_service("test", IWrong, timeout=10)
-    with pytest.raises(pybinder.InterfaceMismatchError, match="tests.IWrong"):
+    with pytest.raises(pybinder.InterfaceMismatchError, match=r"tests\.IWrong"):
         wrong.echo("hello")
 
 

@@ -4,6 +4,7 @@ rule (the broker never imports the runtime, the runtime never imports the broker
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_allocator_never_overlaps_and_accounts_every_byte():
             assert offset % ALIGNMENT == 0
             live[offset] = BufferAllocator.rounded(size)
         spans = sorted(live.items())
-        assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))
         assert alloc.in_use == sum(live.values())
 
 
