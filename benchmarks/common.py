@@ -189,13 +189,21 @@ def _rebuild_fd(dup: Any) -> FdBox:
 
 
 def close_quietly(obj: Any) -> None:
-    """Close a socket, Connection, FdBox or int fd, ignoring errors."""
+    """Close an FdBox, socket or Connection (tuples/lists recursively).
+
+    Bare ints and strings are ignored on purpose: they are addresses or
+    indices, never descriptors, in this package.
+    """
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            close_quietly(item)
+        return
     try:
         if isinstance(obj, FdBox):
-            os.close(obj.fd)
-        elif isinstance(obj, int):
-            os.close(obj)
-        elif obj is not None:
+            if obj.fd >= 0:
+                os.close(obj.fd)
+                obj.fd = -1
+        elif hasattr(obj, "close") and not isinstance(obj, (str, bytes)):
             obj.close()
     except OSError:
         pass

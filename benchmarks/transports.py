@@ -228,7 +228,7 @@ class PipeTransport(Transport):
             ans_r, ans_w = os.pipe()
             server.append((FdBox(req_r), FdBox(ans_w)))
             clients.append((FdBox(ans_r), FdBox(req_w)))
-            server_side += [req_r, ans_w]
+            server_side += [server[-1]]
         return Endpoints(server, clients, server_side)
 
     @staticmethod
