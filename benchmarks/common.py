@@ -7,6 +7,7 @@ bytes; every reply is one little-endian uint64 (8 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -167,10 +168,8 @@ def child_setup(cpus: frozenset[int] | None) -> None:
 def set_affinity(pid: int, cpus: frozenset[int] | None) -> None:
     """Pin ``pid`` (0 = this process) to ``cpus``; ``None`` leaves it alone."""
     if cpus:
-        try:
+        with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, cpus)
-        except OSError:
-            pass
 
 
 class FdBox:

@@ -24,7 +24,7 @@ def import_error(module: str) -> str | None:
     """Return why ``module`` cannot be imported, or None if it can."""
     try:
         importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - any import failure means "skip"
+    except Exception as exc:
         return f"cannot import {module}: {exc.__class__.__name__}: {exc}"
     return None
 
@@ -244,11 +244,11 @@ class Pyro5Transport(Transport):
     def serve(args: Any, env: RunEnv, ready: Ready, stop: threading.Event) -> None:
         """Run a threaded Pyro5 daemon until ``stop``."""
         import Pyro5.api
-        import Pyro5.config
+        from Pyro5 import config
 
-        Pyro5.config.SERVERTYPE = "thread"
-        Pyro5.config.POLLTIMEOUT = POLL_MS / 1000
-        Pyro5.config.MAX_MESSAGE_SIZE = max(Pyro5.config.MAX_MESSAGE_SIZE, 4 * env.max_payload)
+        config.SERVERTYPE = "thread"
+        config.POLLTIMEOUT = POLL_MS / 1000
+        config.MAX_MESSAGE_SIZE = max(config.MAX_MESSAGE_SIZE, 4 * env.max_payload)
         daemon = Pyro5.api.Daemon(unixsocket=args)
         try:
             daemon.register(_pyro_echo_class()(), "echo")
@@ -260,9 +260,9 @@ class Pyro5Transport(Transport):
     @staticmethod
     def connect(args: Any, env: RunEnv) -> Client:
         """Create and bind a proxy."""
-        import Pyro5.config
+        from Pyro5 import config
 
-        Pyro5.config.MAX_MESSAGE_SIZE = max(Pyro5.config.MAX_MESSAGE_SIZE, 4 * env.max_payload)
+        config.MAX_MESSAGE_SIZE = max(config.MAX_MESSAGE_SIZE, 4 * env.max_payload)
         return PyroClient(args)
 
 
@@ -333,7 +333,9 @@ class IoxClient:
         initial = env.max_payload if self._index == 0 else 65536  # bytes
         builder = service.client_builder().initial_max_slice_len(initial)
         self._client = builder.allocation_strategy(iox.AllocationStrategy.PowerOfTwo).create()
-        self._wake = _iox_event(self._node, f"{name}/wake", create=False).notifier_builder().create()
+        self._wake = (
+            _iox_event(self._node, f"{name}/wake", create=False).notifier_builder().create()
+        )
         self._own = _iox_event(self._node, f"{name}/c{self._index}", create=True)
         self._listener = self._own.listener_builder().create()
         self._wait = iox.Duration.from_millis(POLL_MS)
@@ -377,9 +379,9 @@ class IoxClient:
 
     def close(self) -> None:
         """Drop ports and node (iceoryx2 removes its files on drop)."""
-        for obj in (self._listener, self._own, self._wake, self._client):
-            obj.delete()
-        del self._node
+        for port in (self._listener, self._wake, self._client):
+            port.delete()
+        self._own = self._node = None
 
 
 class _IoxServer:
@@ -436,8 +438,9 @@ class _IoxServer:
 
     def close(self) -> None:
         """Drop ports before the node."""
-        for obj in [*self.notifiers.values(), self.listener, self.event, self.server, self.service]:
-            obj.delete()
+        for port in [*self.notifiers.values(), self.listener, self.server]:
+            port.delete()
+        self.event = self.service = self.node = None
 
 
 class Iceoryx2Transport(Transport):

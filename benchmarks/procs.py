@@ -7,6 +7,7 @@ and if need be killed by the driver.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -49,14 +50,14 @@ def placement(mode: str) -> Placement:
     every = frozenset(cpus)
     first = frozenset(cpus[:1])
     if mode == "same":
-        return Placement(mode, first, first, first, "all processes on CPU %d" % cpus[0])
+        return Placement(mode, first, first, first, f"all processes on CPU {cpus[0]}")
     if mode == "cross":
         if len(cpus) < 2:
             return Placement("same", first, first, first, "one CPU only: fell back to same")
         second = frozenset(cpus[1:2])
         note = f"clients on CPU {cpus[0]}, server on CPU {cpus[1]}, broker unpinned"
         return Placement(mode, first, second, every, note)
-    return Placement("none", every, every, every, "scheduler's choice on CPUs %s" % cpus)
+    return Placement("none", every, every, every, f"scheduler's choice on CPUs {cpus}")
 
 
 # --------------------------------------------------------------------------
@@ -74,7 +75,9 @@ def _watch_for_stop(ctl: Connection, stop: threading.Event) -> None:
     stop.set()
 
 
-def server_main(name: str, args: Any, env: RunEnv, ctl: Connection, cpus: frozenset[int] | None) -> None:
+def server_main(
+    name: str, args: Any, env: RunEnv, ctl: Connection, cpus: frozenset[int] | None
+) -> None:
     """Entry point of a server process."""
     child_setup(cpus)
     stop = threading.Event()
@@ -82,18 +85,18 @@ def server_main(name: str, args: Any, env: RunEnv, ctl: Connection, cpus: frozen
     try:
         registry.get(name).serve(args, env, lambda: ctl.send(("ready", os.getpid())), stop)
     except Exception as exc:
-        try:
+        with contextlib.suppress(OSError):
             ctl.send(("error", f"{exc.__class__.__name__}: {exc}"))
-        except OSError:
-            pass
         raise
 
 
-def client_main(name: str, args: Any, env: RunEnv, ctl: Connection, cpus: frozenset[int] | None) -> None:
+def client_main(
+    name: str, args: Any, env: RunEnv, ctl: Connection, cpus: frozenset[int] | None
+) -> None:
     """Entry point of an aggregate-workload client process.
 
     Commands: ``("run", size, start_at, stop_at)`` answered with
-    ``("done", calls, seconds)``; ``"quit"`` ends the process.
+    ``("done", calls, t_start, t_end)``; ``"quit"`` ends the process.
     """
     child_setup(cpus)
     try:
@@ -138,10 +141,8 @@ def _expect_ready(ctl: Connection, proc: Any, what: str, timeout: float) -> None
 
 def _stop_child(proc: Any, ctl: Connection, goodbye: str) -> None:
     """Ask politely, then SIGTERM, then SIGKILL; always join."""
-    try:
+    with contextlib.suppress(OSError):
         ctl.send(goodbye)
-    except OSError:
-        pass
     proc.join(JOIN_TIMEOUT_S)
     if proc.is_alive():
         proc.terminate()
@@ -176,10 +177,26 @@ class ServerHandle:
         _stop_child(self.proc, self._ctl, "stop")
 
 
+def aggregate(clients: int, size: int, reports: list[tuple[int, float, float]]) -> dict[str, Any]:
+    """Sum calls over the window that spans every client's timed loop (calls/s)."""
+    window = max(end for _, _, end in reports) - min(start for _, start, _ in reports)
+    calls = sum(n for n, _, _ in reports)
+    return {
+        "clients": clients,
+        "size": size,
+        "calls": calls,
+        "seconds": window,
+        "calls_per_s": calls / window if window > 0 else 0.0,
+        "per_client_calls": [n for n, _, _ in reports],
+    }
+
+
 class ClientPool:
     """Client processes for the aggregate workload, driven by commands."""
 
-    def __init__(self, name: str, endpoints: list[Any], env: RunEnv, cpus: frozenset[int] | None) -> None:
+    def __init__(
+        self, name: str, endpoints: list[Any], env: RunEnv, cpus: frozenset[int] | None
+    ) -> None:
         self._children: list[tuple[Any, Connection]] = []
         for i, args in enumerate(endpoints):
             ctl, child_end = CTX.Pipe()
@@ -207,20 +224,15 @@ class ClientPool:
         stop_at = start_at + seconds
         for _, ctl in active:
             ctl.send(("run", size, start_at, stop_at))
-        per_client = []
-        for i, (proc, ctl) in enumerate(active):
+        reports = []
+        for i, (_, ctl) in enumerate(active):
             if not ctl.poll(seconds + warm_s + 60.0):
                 raise TimeoutError(f"client {i} did not report")
             msg = ctl.recv()
             if msg[0] != "done":
                 raise BenchError(f"client {i}: {msg[1]}")
-            per_client.append(msg[1] / msg[2] if msg[2] > 0 else 0.0)
-        return {
-            "clients": clients,
-            "size": size,
-            "calls_per_s": sum(per_client),
-            "per_client_calls_per_s": per_client,
-        }
+            reports.append(msg[1:])
+        return aggregate(clients, size, reports)
 
     def close(self) -> None:
         """Stop and reap every client process."""

@@ -143,7 +143,9 @@ class Transport:
 class StreamClient:
     """Client over a byte stream using the ``HDR`` framing."""
 
-    def __init__(self, read_into: ReadInto, write_all: Callable[[Any], None], owned: list[Any]) -> None:
+    def __init__(
+        self, read_into: ReadInto, write_all: Callable[[Any], None], owned: list[Any]
+    ) -> None:
         self._read = read_into
         self._write = write_all
         self._owned = owned
@@ -400,10 +402,10 @@ class MpPipeTransport(Transport):
     def serve(args: Any, env: RunEnv, ready: Ready, stop: threading.Event) -> None:
         """One blocking reader thread per Connection."""
         counter = Counter()
-        targets = [
-            lambda c=conn, cap=capacity_for(i, env): serve_mp_conn(c, cap, counter)
-            for i, conn in enumerate(args)
-        ]
+        targets = []
+        for i, conn in enumerate(args):
+            capacity = capacity_for(i, env)
+            targets.append(lambda c=conn, cap=capacity: serve_mp_conn(c, cap, counter))
         run_threads(targets, ready, stop)
 
     @staticmethod

@@ -276,8 +276,9 @@ def decode(
         raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
 
     body = memoryview(parcel)[header.body_start : header.body_start + header.body_len]
+    hook = ext_hook if header.n_objects or header.n_buffers else _no_extensions
     try:
-        value = msgpack.unpackb(body, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        value = msgpack.unpackb(body, ext_hook=hook, raw=False, strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as exc:
@@ -285,6 +286,10 @@ def decode(
     finally:
         body.release()
     return value, views
+
+
+def _no_extensions(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"parcel body refers to extension {code}, but its tables are empty")
 
 
 def _flat_bytes(view: memoryview) -> memoryview:
@@ -295,6 +300,7 @@ def _flat_bytes(view: memoryview) -> memoryview:
 
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
 def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
@@ -302,20 +308,36 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
 
     msgpack packs bytes, bytearray and memoryview inline without asking a hook, so
     large ones are found here first. Containers are rebuilt only when something in
-    them changed.
+    them changed, and scalars are skipped without a call.
     """
     kind = type(value)
+    if kind in _SCALARS:
+        return value
     if kind in _BYTES_LIKE:
         view = memoryview(value)
         if view.nbytes >= OUT_OF_BAND_THRESHOLD:
             return out_of_band(_flat_bytes(view))
         return value
     if kind is list or kind is tuple:
-        lifted = [_lift_buffers(item, out_of_band) for item in value]
-        changed = any(a is not b for a, b in zip(lifted, value, strict=True))
-        return lifted if changed else value
+        lifted: list[Any] | None = None
+        for index, item in enumerate(value):
+            if type(item) in _SCALARS:
+                continue
+            new = _lift_buffers(item, out_of_band)
+            if new is not item:
+                if lifted is None:
+                    lifted = list(value)
+                lifted[index] = new
+        return value if lifted is None else lifted
     if kind is dict:
-        lifted_dict = {key: _lift_buffers(item, out_of_band) for key, item in value.items()}
-        changed = any(lifted_dict[key] is not item for key, item in value.items())
-        return lifted_dict if changed else value
+        lifted_dict: dict[Any, Any] | None = None
+        for key, item in value.items():
+            if type(item) in _SCALARS:
+                continue
+            new = _lift_buffers(item, out_of_band)
+            if new is not item:
+                if lifted_dict is None:
+                    lifted_dict = dict(value)
+                lifted_dict[key] = new
+        return value if lifted_dict is None else lifted_dict
     return value

@@ -13,7 +13,6 @@ together with BC_REPLY), so one system call carries both.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 from pybinder.errors import ProtocolError
 
@@ -114,12 +113,13 @@ def encode(cmd: int, *fields: int) -> bytes:
         raise ProtocolError(f"cannot encode command {cmd:#x} with {fields}: {exc}") from None
 
 
-def decode(message: bytes | memoryview) -> Iterator[tuple[int, ...]]:
+def decode(message: bytes | memoryview) -> list[tuple[int, ...]]:
     """Split a message into commands; each is a tuple ``(cmd, field, ...)``.
 
     Raises:
         ProtocolError: an unknown command code or a truncated command.
     """
+    commands = []
     pos = 0
     end = len(message)
     while pos < end:
@@ -130,8 +130,8 @@ def decode(message: bytes | memoryview) -> Iterator[tuple[int, ...]]:
         if layout is None:
             raise ProtocolError(f"unknown command {cmd:#x} at byte {pos}")
         if end - pos < layout.size:
-            raise ProtocolError(
-                f"truncated {COMMAND_NAMES[cmd]}: {end - pos} of {layout.size} bytes"
-            )
-        yield layout.unpack_from(message, pos)
+            name = COMMAND_NAMES[cmd]
+            raise ProtocolError(f"truncated {name}: {end - pos} of {layout.size} bytes")
+        commands.append(layout.unpack_from(message, pos))
         pos += layout.size
+    return commands

@@ -45,6 +45,8 @@ DEFAULT_MAX_REGION_SIZE = 256 * 1024 * 1024
 _PEERCRED = struct.Struct("3i")
 _MAX_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 
 
 class BrokerAlreadyRunningError(RuntimeError):
@@ -101,7 +103,7 @@ class Broker:
         self.socket_path = Path(socket_path)
         self.max_region_size = max(MIN_REGION_SIZE, max_region_size)
         self.default_region_size = min(default_region_size, self.max_region_size)
-        self.router = Router(self._send_to_thread)
+        self.router = Router(self._send)
         self.router.service_manager = ServiceManager(self.router, self.call_later, self.status)
         self._conns: dict[int, Connection] = {}
         self._closing: list[Connection] = []
@@ -114,22 +116,21 @@ class Broker:
         self._stopping = False
         self._started = time.time()
         self._socket_ino = 0
-        self._handlers: dict[int, Callable[[Connection, tuple[int, ...], list[int]], None]] = {
+        router = self.router
+        self._connection_handlers: dict[
+            int, Callable[[Connection, tuple[int, ...], list[int]], None]
+        ] = {
             protocol.BC_HELLO_PROCESS: self._hello_process,
             protocol.BC_HELLO_THREAD: self._hello_thread,
             protocol.BC_SET_SEND_AREA: self._set_send_area,
-            protocol.BC_ENTER_LOOPER: self._thread_command(
-                lambda t, _: self.router.enter_looper(t)
-            ),
-            protocol.BC_EXIT_LOOPER: self._thread_command(lambda t, _: self.router.exit_looper(t)),
-            protocol.BC_TRANSACTION: self._thread_command(
-                lambda t, f: self.router.transaction(t, *f)
-            ),
-            protocol.BC_REPLY: self._thread_command(lambda t, f: self.router.reply(t, *f)),
-            protocol.BC_FREE_BUFFER: self._thread_command(
-                lambda t, f: self.router.free_buffer(t, *f)
-            ),
-            protocol.BC_RELEASE: self._thread_command(lambda t, f: self.router.release(t, *f)),
+        }
+        self._thread_handlers: dict[int, Callable[..., None]] = {
+            protocol.BC_ENTER_LOOPER: router.enter_looper,
+            protocol.BC_EXIT_LOOPER: router.exit_looper,
+            protocol.BC_TRANSACTION: router.transaction,
+            protocol.BC_REPLY: router.reply,
+            protocol.BC_FREE_BUFFER: router.free_buffer,
+            protocol.BC_RELEASE: router.release,
         }
 
     # -- life cycle -------------------------------------------------------------------
@@ -302,7 +303,7 @@ class Broker:
     def _on_event(self, conn: Connection, events: int) -> None:
         if events & select.EPOLLOUT:
             self._flush(conn)
-        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+        if events & _READABLE:
             self._read(conn)
 
     def _read(self, conn: Connection) -> None:
@@ -317,7 +318,7 @@ class Broker:
         try:
             if not data:
                 self._closing.append(conn)
-            elif flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            elif flags & _TRUNCATED:
                 self._reject(conn, ProtocolError(f"message longer than {MAX_MESSAGE} bytes"))
             else:
                 self._handle_message(conn, data, fds)
@@ -329,7 +330,13 @@ class Broker:
     def _handle_message(self, conn: Connection, data: bytes, fds: list[int]) -> None:
         try:
             for command in protocol.decode(data):
-                self._handlers[command[0]](conn, command[1:], fds)
+                handler = self._thread_handlers.get(command[0])
+                if handler is None:
+                    self._connection_handlers[command[0]](conn, command[1:], fds)
+                elif conn.thread is None:
+                    raise ProtocolError("this command needs a thread connection (BC_HELLO_THREAD)")
+                else:
+                    handler(conn.thread, *command[1:])
         except (ProtocolError, KeyError) as exc:
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"unexpected {exc}")
             self._reject(conn, error)
@@ -393,14 +400,6 @@ class Broker:
         thread.set_send_area(map_send_area(fds[0], size))
         self._send(conn, protocol.encode(protocol.BR_OK))
 
-    def _thread_command(
-        self, action: Callable[[ThreadRecord, tuple[int, ...]], None]
-    ) -> Callable[[Connection, tuple[int, ...], list[int]], None]:
-        def handler(conn: Connection, fields: tuple[int, ...], fds: list[int]) -> None:
-            action(self._thread_of(conn), fields)
-
-        return handler
-
     @staticmethod
     def _thread_of(conn: Connection) -> ThreadRecord:
         if conn.thread is None:
@@ -408,9 +407,6 @@ class Broker:
         return conn.thread
 
     # -- sending --------------------------------------------------------------------------
-
-    def _send_to_thread(self, thread: ThreadRecord, message: bytes) -> None:
-        self._send(thread.conn, message)
 
     def _send(self, conn: Connection, message: bytes, fds: list[int] | None = None) -> None:
         if conn.outbox:

@@ -54,14 +54,15 @@ from pybinder.protocol import (
 )
 
 if TYPE_CHECKING:
+    from pybinder.broker.daemon import Connection
     from pybinder.broker.service_manager import ServiceManager
 
 log = logging.getLogger("pybinder.broker")
 
-Sender = Callable[[ThreadRecord, bytes], None]
+Sender = Callable[["Connection", bytes], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Transaction:
     """One call on its way (binder_transaction).
 
@@ -118,8 +119,9 @@ class Router:
     def send(self, thread: ThreadRecord, message: bytes) -> None:
         """Send ``message`` to ``thread``, after any notifications its process owes."""
         if thread.alive:
-            self.flush_notifications(thread)
-            self._send(thread, message)
+            if thread.process.notifications:
+                self.flush_notifications(thread)
+            self._send(thread.conn, message)
 
     def flush_notifications(self, thread: ThreadRecord) -> None:
         """Send ``thread`` the notifications queued for its process."""
@@ -127,7 +129,7 @@ class Router:
         if pending:
             thread.process.notifications = []
             for chunk in _chunks(pending):
-                self._send(thread, chunk)
+                self._send(thread.conn, chunk)
 
     def fail(self, thread: ThreadRecord, error: BinderError, size: int = 0, limit: int = 0) -> None:
         """Answer a transaction with BR_FAILED_REPLY carrying ``error``'s code."""

@@ -104,7 +104,7 @@ class BinderProxy:
             with process.region_view[offset : offset + size] as view:
                 value, _ = parcel.decode(view, process.decode_object, copy_buffers=True)
         finally:
-            thread.free_buffer(offset)
+            thread.free_buffer(offset, size)
         return unpack_reply(value)
 
     def __repr__(self) -> str:

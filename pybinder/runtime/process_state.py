@@ -36,6 +36,9 @@ I = TypeVar("I", bound=Interface)  # noqa: E741
 #: Seconds to wait for the broker's answer to a hello before giving up.
 HELLO_TIMEOUT = 10.0
 
+#: Seconds close() waits for loopers to stop and for the broker to let go.
+CLOSE_TIMEOUT = 5.0
+
 _live_states: weakref.WeakSet[ProcessState] = weakref.WeakSet()
 
 
@@ -80,7 +83,7 @@ class ProcessState:
         self._node_ids: dict[int, int] = {}  # id(binder) -> node id
         self._next_node = itertools.count(1)
         self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
-        self._releases: collections.deque[bytes] = collections.deque()
+        self.releases: collections.deque[bytes] = collections.deque()
         self._sock = self.open_connection()
         try:
             self.key, self.region_size, self.max_parcel, fd = self._hello(region_size or 0)
@@ -270,8 +273,7 @@ class ProcessState:
         Raises:
             ProtocolError: no such node.
         """
-        with self._lock:
-            entry = self._nodes.get(node_id)
+        entry = self._nodes.get(node_id)  # a dict read needs no lock
         if entry is None:
             raise ProtocolError(f"no local node {node_id}")
         binder: Binder = entry[0]
@@ -312,16 +314,16 @@ class ProcessState:
 
     def _queue_release(self, handle: int, deliveries: list[int]) -> None:
         if not self.closed and not self._forked:
-            self._releases.append(protocol.encode(BC_RELEASE, handle, deliveries[0]))
+            self.releases.append(protocol.encode(BC_RELEASE, handle, deliveries[0]))
 
     def take_releases(self) -> list[bytes]:
         """BC_RELEASE commands queued by dropped proxies, batched into messages."""
-        if not self._releases:
+        if not self.releases:
             return []
         batch: list[bytes] = []
         current = b""
-        while self._releases:
-            command = self._releases.popleft()
+        while self.releases:
+            command = self.releases.popleft()
             if len(current) + len(command) > MAX_MESSAGE:
                 batch.append(current)
                 current = b""
@@ -345,14 +347,28 @@ class ProcessState:
         current = threading.current_thread()
         for looper in self._loopers:
             if looper is not current:
-                looper.join(timeout=5.0)
-        self._sock.close()
+                looper.join(timeout=CLOSE_TIMEOUT)
+        self._leave_broker()
         try:
             self.region_view.release()
             self._region.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with the last one
         os.close(self.region_fd)
+
+    def _leave_broker(self) -> None:
+        """Close the process connection and wait until the broker has let go of this
+        process, so that when close() returns its services are gone."""
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(CLOSE_TIMEOUT)
+            while sock.recv(MAX_MESSAGE):
+                pass
+        except OSError:
+            pass  # the broker is gone already, or slow: either way we are done
+        finally:
+            sock.close()
 
     def __enter__(self) -> ProcessState:
         return self

@@ -57,6 +57,10 @@ log = logging.getLogger("pybinder")
 #: A new send area is at least this large, in bytes.
 MIN_SEND_AREA = 64 * 1024
 
+#: Reply buffers up to this size are freed with the thread's next message instead of
+#: by a message of their own (libbinder queues BC_FREE_BUFFER the same way), bytes.
+DEFERRED_FREE_LIMIT = 64 * 1024
+
 _ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0)
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
 
@@ -94,6 +98,7 @@ class ThreadState:
         self._sock = process.open_connection()
         self._send_map: mmap.mmap | None = None
         self._send_view: memoryview | None = None
+        self._deferred = b""
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -125,9 +130,16 @@ class ThreadState:
             raise DeadObjectError(f"the process behind handle {handle} has died")
         raise _failure(outcome[1], outcome[2], outcome[3])
 
-    def free_buffer(self, offset: int) -> None:
-        """Give a reply buffer back to the broker (BC_FREE_BUFFER)."""
-        self._send(protocol.encode(BC_FREE_BUFFER, offset))
+    def free_buffer(self, offset: int, size: int) -> None:
+        """Give a reply buffer of ``size`` bytes back to the broker (BC_FREE_BUFFER).
+
+        A small one goes with this thread's next message, saving the broker a wake-up.
+        """
+        command = protocol.encode(BC_FREE_BUFFER, offset)
+        if size <= DEFERRED_FREE_LIMIT and not self._deferred:
+            self._deferred = command
+        else:
+            self._send(command)
 
     # -- serving ------------------------------------------------------------------------
 
@@ -238,10 +250,13 @@ class ThreadState:
     # -- the socket --------------------------------------------------------------------------
 
     def _send(self, message: bytes) -> None:
-        releases = self._process.take_releases()
+        if self._deferred:
+            message = self._deferred + message
+            self._deferred = b""
         try:
-            for extra in releases:
-                self._sock.send(extra)
+            if self._process.releases:
+                for batch in self._process.take_releases():
+                    self._sock.send(batch)
             self._sock.send(message)
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
@@ -276,7 +291,7 @@ class ThreadState:
             if outcome is not None:
                 if error is not None:
                     if outcome[0] == BR_REPLY:
-                        self.free_buffer(outcome[1])
+                        self.free_buffer(outcome[1], outcome[2])
                     raise error
                 return outcome
 
