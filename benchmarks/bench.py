@@ -31,8 +31,16 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import registry, report
-from benchmarks.common import KiB, MiB, close_quietly, fmt_size, parse_size_list, set_affinity
-from benchmarks.procs import ClientPool, Placement, ServerHandle, placement
+from benchmarks.common import (
+    KiB,
+    MiB,
+    close_quietly,
+    deadline,
+    fmt_size,
+    parse_size_list,
+    set_affinity,
+)
+from benchmarks.procs import READY_TIMEOUT_S, ClientPool, Placement, ServerHandle, placement
 from benchmarks.transports import RunEnv, Transport
 from benchmarks.workloads import (
     FULL,
@@ -356,7 +364,8 @@ class TransportRun:
             server = ServerHandle(self.t.name, endpoints.server, env, self.place.server)
             close_quietly(endpoints.server_side)
             server.wait_ready()
-            client = self.t.connect(endpoints.clients[0], env)
+            with deadline(READY_TIMEOUT_S):
+                client = self.t.connect(endpoints.clients[0], env)
             set_affinity(0, self.place.client)
             self._driver_workloads(client)
             set_affinity(0, frozenset(original))
@@ -515,7 +524,11 @@ def list_transports() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; return 0 if every selected transport ran or was skipped."""
+    """Run the benchmark (``argv`` without the program name).
+
+    Returns 0 if every selected transport ran or was skipped, 1 if one
+    failed, 2 on bad arguments, 130 when interrupted.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -530,8 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with _sigterm_as_exit():
-        result = run_all(cfg, show_progress=not args.no_progress)
+    try:
+        with _sigterm_as_exit():
+            result = run_all(cfg, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("interrupted; every benchmark process was stopped", file=sys.stderr)
+        return 130
     written = write_outputs(result, args)
     print(report.markdown(result))
     for line in written:

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import registry
-from .common import BenchError, child_setup, close_quietly
+from .common import BenchError, child_setup, close_quietly, deadline
 from .transports import RunEnv
 from .workloads import timed_calls
 
@@ -100,7 +100,8 @@ def client_main(
     """
     child_setup(cpus)
     try:
-        client = registry.get(name).connect(args, env)
+        with deadline(READY_TIMEOUT_S):
+            client = registry.get(name).connect(args, env)
     except Exception as exc:
         ctl.send(("error", f"connect: {exc.__class__.__name__}: {exc}"))
         return

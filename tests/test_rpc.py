@@ -194,3 +194,10 @@ def test_unsendable_result_is_a_type_error_and_the_server_goes_on(service):
     with pytest.raises(TypeError, match="cannot send"):
         service.unsendable()
     assert service.add(1, 1) == 2
+
+
+def test_parcel_over_the_broker_limit_is_refused_before_sending(service):
+    with pytest.raises(pybinder.TransactionTooLargeError, match="limit") as info:
+        service.digest(bytes(65 << 20))  # the test broker caps regions at 64 MiB
+    assert info.value.limit == 64 << 20
+    assert service.add(1, 2) == 3
