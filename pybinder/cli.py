@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="region a process gets when it asks for none, bytes (default 1MiB-8KiB)",
     )
+    broker.add_argument(
+        "--spin-us",
+        type=float,
+        default=None,
+        help="µs the loop polls before it sleeps (default 50; 0: never spin)",
+    )
     broker.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
     commands.add_parser("services", help="list registered service names")
@@ -77,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _broker(args: argparse.Namespace) -> int:
     from pybinder.broker import Broker, BrokerAlreadyRunningError
-    from pybinder.broker.daemon import DEFAULT_MAX_REGION_SIZE
+    from pybinder.broker.daemon import DEFAULT_MAX_REGION_SIZE, DEFAULT_SPIN_US
     from pybinder.paths import resolve_socket_path
     from pybinder.region import DEFAULT_REGION_SIZE
 
@@ -89,6 +95,7 @@ def _broker(args: argparse.Namespace) -> int:
         path,
         max_region_size=args.max_region_size or DEFAULT_MAX_REGION_SIZE,
         default_region_size=args.region_size or DEFAULT_REGION_SIZE,
+        spin_us=DEFAULT_SPIN_US if args.spin_us is None else args.spin_us,
     )
     try:
         broker.start()

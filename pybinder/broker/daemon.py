@@ -42,6 +42,9 @@ log = logging.getLogger("pybinder.broker")
 #: Default cap on a region (and so on a parcel), in bytes: 256 MiB.
 DEFAULT_MAX_REGION_SIZE = 256 * 1024 * 1024
 
+#: How long the loop polls before sleeping in epoll_wait, in µs.
+DEFAULT_SPIN_US = 50.0
+
 _PEERCRED = struct.Struct("3i")
 _MAX_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
@@ -89,6 +92,8 @@ class Broker:
         socket_path: where to listen (see :func:`pybinder.paths.resolve_socket_path`).
         max_region_size: the largest receive region a process may ask for, in bytes.
         default_region_size: the region a process gets when it asks for none, in bytes.
+        spin_us: how long the loop polls, yielding the CPU, before it sleeps in
+            epoll, in µs; the next command of a call in progress then needs no wake-up.
 
     Raises:
         BrokerAlreadyRunningError: from :meth:`start`, if another broker is live.
@@ -99,8 +104,10 @@ class Broker:
         socket_path: Path,
         max_region_size: int = DEFAULT_MAX_REGION_SIZE,
         default_region_size: int = DEFAULT_REGION_SIZE,
+        spin_us: float = DEFAULT_SPIN_US,
     ) -> None:
         self.socket_path = Path(socket_path)
+        self.spin_seconds = max(0.0, spin_us) / 1e6
         self.max_region_size = max(MIN_REGION_SIZE, max_region_size)
         self.default_region_size = min(default_region_size, self.max_region_size)
         self.router = Router(self._send)
@@ -169,7 +176,7 @@ class Broker:
         assert listener is not None, "call start() first"
         listen_fd, wakeup_fd = listener.fileno(), self._wakeup_r.fileno()
         while not self._stopping:
-            for fd, events in self._epoll.poll(self._next_timeout()):
+            for fd, events in self._poll():
                 if fd == listen_fd:
                     self._accept()
                 elif fd == wakeup_fd:
@@ -273,6 +280,20 @@ class Broker:
         if not self._timers:
             return -1
         return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _poll(self) -> list[tuple[int, int]]:
+        """The next events: polled without sleeping for up to ``spin_seconds``
+        (yielding the CPU between polls), then waited for in epoll."""
+        if self.spin_seconds:
+            deadline = time.perf_counter() + self.spin_seconds
+            while True:
+                events = self._epoll.poll(0)
+                if events:
+                    return events
+                if time.perf_counter() >= deadline or self._timers:
+                    break
+                os.sched_yield()
+        return self._epoll.poll(self._next_timeout())
 
     def _run_timers(self) -> None:
         now = time.monotonic()

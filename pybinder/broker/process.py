@@ -90,6 +90,7 @@ class ThreadRecord:
         self.outgoing: Transaction | None = None
         self.waiting_oneway: Transaction | None = None
         self.is_looper = False
+        self.idle_since = 0
         self.alive = True
         self.send_map: mmap.mmap | None = None
         self.send_view: memoryview | None = None
@@ -157,11 +158,13 @@ class ProcessRecord:
         return self.region.size
 
     def idle_looper(self) -> ThreadRecord | None:
-        """A looper thread free to take work, if there is one."""
+        """The looper that most recently became free, if any: it is the likeliest to
+        be still polling (not yet asleep) and to have warm caches."""
+        best: ThreadRecord | None = None
         for thread in self.threads:
-            if thread.idle:
-                return thread
-        return None
+            if thread.idle and (best is None or thread.idle_since > best.idle_since):
+                best = thread
+        return best
 
     def ref_for(self, node: Node) -> Ref:
         """This process's ref to ``node``, created (with a new handle) if it has none."""

@@ -16,6 +16,7 @@ The :class:`Router` is the driver's core. It receives each thread's BC_* command
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from pybinder.broker.service_manager import ServiceManager
 
 log = logging.getLogger("pybinder.broker")
+
+_idle_clock = itertools.count(1)
 
 Sender = Callable[["Connection", bytes], None]
 
@@ -411,6 +414,7 @@ class Router:
             caller.outgoing = None
             self._send_reply(thread, caller, size)
         if thread.idle:
+            thread.idle_since = next(_idle_clock)
             self.dispatch(thread.process)
 
     def _send_reply(self, thread: ThreadRecord, caller: ThreadRecord, size: int) -> None:
@@ -513,6 +517,7 @@ class Router:
 
     def enter_looper(self, thread: ThreadRecord) -> None:
         thread.is_looper = True
+        thread.idle_since = next(_idle_clock)
         self.dispatch(thread.process)
 
     def exit_looper(self, thread: ThreadRecord) -> None:

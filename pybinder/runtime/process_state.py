@@ -39,6 +39,9 @@ HELLO_TIMEOUT = 10.0
 #: Seconds close() waits for loopers to stop and for the broker to let go.
 CLOSE_TIMEOUT = 5.0
 
+#: How long a waiting thread polls before it sleeps, in µs (``$PYBINDER_SPIN_US``).
+DEFAULT_SPIN_US = 50.0
+
 _live_states: weakref.WeakSet[ProcessState] = weakref.WeakSet()
 
 
@@ -57,6 +60,9 @@ class ProcessState:
         socket_path: the broker's socket (None: see :func:`pybinder.paths.resolve_socket_path`).
         region_size: bytes of receive region to ask for (None: the broker's default,
             1 MiB - 8 KiB); the broker caps it at its ``--max-region-size``.
+        spin_us: how long a thread waiting for a reply (or a looper for its next call)
+            polls, yielding the CPU, before it sleeps, in µs (None: ``$PYBINDER_SPIN_US``
+            or 50; 0 never spins). Short waits then skip a costly wake-up.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
@@ -69,9 +75,16 @@ class ProcessState:
     """
 
     def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, *, region_size: int | None = None
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        region_size: int | None = None,
+        spin_us: float | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
+        if spin_us is None:
+            spin_us = float(os.environ.get("PYBINDER_SPIN_US", DEFAULT_SPIN_US))
+        self.spin_seconds = max(0.0, spin_us) / 1e6
         self.closed = False
         self._forked = False
         self._pid = os.getpid()
@@ -385,11 +398,14 @@ _NOBODY = (errno.ENOENT, errno.ECONNREFUSED)
 
 
 def connect(
-    socket_path: str | os.PathLike[str] | None = None, *, region_size: int | None = None
+    socket_path: str | os.PathLike[str] | None = None,
+    *,
+    region_size: int | None = None,
+    spin_us: float | None = None,
 ) -> ProcessState:
     """Join the broker as a process; see :class:`ProcessState`.
 
     Raises:
         BrokerUnavailableError: no broker answers on the socket.
     """
-    return ProcessState(socket_path, region_size=region_size)
+    return ProcessState(socket_path, region_size=region_size, spin_us=spin_us)
