@@ -18,6 +18,7 @@ the broker over the thread's socket.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -46,6 +47,7 @@ class BrokerRegion:
     Attributes:
         size: the region's size in bytes.
         view: a writable memoryview of the whole region.
+        address: where the mapping starts in the broker's memory (valid until close).
     """
 
     def __init__(self, size: int) -> None:
@@ -61,6 +63,7 @@ class BrokerRegion:
             writable.close_fd()
         self.size = size
         self.view = memoryview(self._map)
+        self.address = mapping_address(self._map)
         self._owner_fd: int | None = readable.fd
 
     def take_owner_fd(self) -> int:
@@ -77,6 +80,17 @@ class BrokerRegion:
             self._owner_fd = None
         self.view.release()
         self._map.close()
+
+
+def mapping_address(mapping: mmap.mmap) -> int:
+    """The address of a writable mapping's first byte, for ``ctypes.memmove``.
+
+    It stays valid until the mapping is closed; the caller must not copy after that.
+    """
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # release the export, or the mapping could never be closed
+    return address
 
 
 def map_region_readonly(fd: int, size: int) -> mmap.mmap:
@@ -104,7 +118,10 @@ def create_send_area(size: int) -> tuple[int, mmap.mmap]:
 
 
 def map_send_area(fd: int, size: int) -> mmap.mmap:
-    """The broker's read-only mapping of a thread's send area, after checking it is safe.
+    """The broker's mapping of a thread's send area, after checking it is safe to map.
+
+    The broker only reads it, but maps it writable so that :func:`mapping_address`
+    works (``ctypes`` takes the address of writable buffers only).
 
     Raises:
         ProtocolError: ``fd`` is not a memfd sealed against resizing, or is smaller
@@ -119,4 +136,4 @@ def map_send_area(fd: int, size: int) -> mmap.mmap:
     actual = os.fstat(fd).st_size
     if size <= 0 or actual < size:
         raise ProtocolError(f"send area claims {size} bytes but holds {actual}")
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    return mmap.mmap(fd, size)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pybinder.broker.allocator import BufferAllocator
-from pybinder.region import BrokerRegion
+from pybinder.region import BrokerRegion, mapping_address
 
 if TYPE_CHECKING:
     from pybinder.broker.daemon import Connection
@@ -94,6 +94,7 @@ class ThreadRecord:
         self.alive = True
         self.send_map: mmap.mmap | None = None
         self.send_view: memoryview | None = None
+        self.send_address = 0
 
     @property
     def idle(self) -> bool:
@@ -111,8 +112,10 @@ class ThreadRecord:
         self.drop_send_area()
         self.send_map = mapping
         self.send_view = memoryview(mapping)
+        self.send_address = mapping_address(mapping)
 
     def drop_send_area(self) -> None:
+        self.send_address = 0
         if self.send_view is not None:
             self.send_view.release()
             self.send_view = None
