@@ -441,7 +441,7 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(cfg: RunConfig, show_progress: bool) -> dict[str, Any]:
+def run_all(cfg: RunConfig, show_progress: bool, argv: list[str]) -> dict[str, Any]:
     """Measure memcpy and every selected transport; return the result dict."""
     place = placement(cfg.pin)
     transports = [registry.get(name) for name in cfg.transports]
@@ -451,7 +451,7 @@ def run_all(cfg: RunConfig, show_progress: bool) -> dict[str, Any]:
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "argv": sys.argv,
+        "argv": argv,
         "config": _config_json(cfg),
         "units": {
             "size": "bytes",
@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with _sigterm_as_exit():
-            result = run_all(cfg, show_progress=not args.no_progress)
+            argv_used = sys.argv[1:] if argv is None else list(argv)
+            result = run_all(cfg, not args.no_progress, argv_used)
     except KeyboardInterrupt:
         print("interrupted; every benchmark process was stopped", file=sys.stderr)
         return 130

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .peers import PEERS
-from .pybinder_transport import PybinderTransport
+from .pybinder_transport import PybinderLoanTransport, PybinderTransport
 from .transports import BASELINES, Transport
 
-ORDER: list[type[Transport]] = [*BASELINES, *PEERS, PybinderTransport]
+ORDER: list[type[Transport]] = [*BASELINES, *PEERS, PybinderTransport, PybinderLoanTransport]
 REGISTRY: dict[str, type[Transport]] = {cls.name: cls for cls in ORDER}
 
 

@@ -327,7 +327,7 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"no figure: {exc}"
-    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(12, 5.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, t in enumerate(result["transports"]):
         style = {"marker": "o", "label": t["name"], "color": colors[i % len(colors)]}
@@ -351,7 +351,12 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
     _decorate(ax_lat, "Echo round trip (median)", "latency (µs)", result["config"]["echo_sizes"])
     _decorate(ax_bw, "One-way streaming", "throughput (MB/s)", result["config"]["stream_sizes"])
     fig.suptitle(_machine_line(result), fontsize=7)
-    fig.tight_layout()
+    labels: dict[str, Any] = {}
+    for ax in (ax_lat, ax_bw):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -367,5 +372,3 @@ def _decorate(ax: Any, title: str, ylabel: str, sizes: list[int]) -> None:
     ax.set_xlabel("payload size (bytes)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, framealpha=0.7)

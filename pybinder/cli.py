@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -71,13 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("descriptor", help="the service's interface descriptor")
     call.add_argument("code", type=int, help="transaction code (methods start at 1)")
     call.add_argument("args", nargs="*", help="arguments, each parsed as JSON if it can be")
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare pybinder with pipes, sockets and other IPC (benchmarks/bench.py)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="see pybinder bench --help")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pybinder`` and ``python -m pybinder``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to benchmarks/bench.py
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    handler = {"broker": _broker, "services": _services, "status": _status, "call": _call}
+    handler = {
+        "broker": _broker,
+        "services": _services,
+        "status": _status,
+        "call": _call,
+        "bench": _bench,
+    }
     return handler[args.command](args)
 
 
@@ -157,6 +174,21 @@ def _call(args: argparse.Namespace) -> int:
             return 1
     print(json.dumps(result, default=repr))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/bench.py from the source checkout this package was installed from."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "bench.py").is_file():
+        print(
+            f"pybinder bench needs the source checkout: no benchmarks/ in {root}",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(root))
+    from benchmarks.bench import main as bench_main
+
+    return int(bench_main(args.bench_args))
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -157,10 +157,19 @@ class EncodedParcel:
     """A value split into what a parcel carries: body bytes, objects and buffers.
 
     Build one with :func:`encode`, learn its :attr:`size` (bytes), then
-    :meth:`write_into` a writable buffer of at least that size.
+    :meth:`write_into` a writable buffer of at least :attr:`head_size` bytes.
+
+    One out-of-band buffer may be made the parcel's *tail* (:meth:`set_tail`): it is
+    laid out last and not written by :meth:`write_into`, because it already lies in
+    shared memory the broker reads (a loan), so the broker copies it from there.
+
+    Attributes:
+        size: the whole parcel, in bytes.
+        head_size: the bytes :meth:`write_into` writes (all but the tail).
+        tail: index of the tail buffer, or None.
     """
 
-    __slots__ = ("body", "buffers", "objects", "size")
+    __slots__ = ("body", "buffers", "head_size", "objects", "offsets", "size", "tail")
 
     def __init__(
         self, body: bytes, objects: list[tuple[int, int]], buffers: list[memoryview]
@@ -168,17 +177,33 @@ class EncodedParcel:
         self.body = body
         self.objects = objects
         self.buffers = buffers
-        end = HEADER.size + OBJECT_ENTRY.size * len(objects) + BUFFER_ENTRY.size * len(buffers)
-        end += len(body)
-        for buf in buffers:
-            end = align(end) + buf.nbytes
-        self.size = end
+        self.tail: int | None = None
+        self._lay_out()
+
+    def set_tail(self, index: int) -> None:
+        """Make buffer ``index`` the tail (see the class docstring)."""
+        self.tail = index
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        buffers, tail = self.buffers, self.tail
+        pos = HEADER.size + OBJECT_ENTRY.size * len(self.objects)
+        pos += BUFFER_ENTRY.size * len(buffers) + len(self.body)
+        order = [i for i in range(len(buffers)) if i != tail]
+        if tail is not None:
+            order.append(tail)
+        offsets = [0] * len(buffers)
+        for i in order:
+            pos = align(pos)
+            offsets[i] = pos
+            pos += buffers[i].nbytes
+        self.offsets = offsets
+        self.size = pos
+        self.head_size = pos if tail is None else offsets[tail]
 
     def write_into(self, dest: memoryview | bytearray) -> int:
-        """Write the parcel at the start of ``dest``; return its size in bytes.
-
-        Copies each out-of-band buffer once, straight into ``dest``.
-        """
+        """Write the parcel, except any tail, at the start of ``dest``; return
+        :attr:`head_size`. Copies each out-of-band buffer once, straight into ``dest``."""
         objects, buffers, body = self.objects, self.buffers, self.body
         HEADER.pack_into(
             dest, 0, MAGIC, VERSION, 0, len(objects), len(buffers), len(body), 0, self.size
@@ -190,13 +215,12 @@ class EncodedParcel:
         table = pos
         pos += BUFFER_ENTRY.size * len(buffers)
         dest[pos : pos + len(body)] = body
-        pos += len(body)
         for i, buf in enumerate(buffers):
-            pos = align(pos)
-            BUFFER_ENTRY.pack_into(dest, table + BUFFER_ENTRY.size * i, pos, buf.nbytes)
-            dest[pos : pos + buf.nbytes] = buf
-            pos += buf.nbytes
-        return pos
+            offset = self.offsets[i]
+            BUFFER_ENTRY.pack_into(dest, table + BUFFER_ENTRY.size * i, offset, buf.nbytes)
+            if i != self.tail:
+                dest[offset : offset + buf.nbytes] = buf
+        return self.head_size
 
 
 def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedParcel:

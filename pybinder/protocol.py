@@ -27,13 +27,20 @@ TF_ONE_WAY = 0x01
 #: The service manager's handle in every process (binder's context manager).
 SERVICE_MANAGER_HANDLE = 0
 
+# A thread has two areas it shares with the broker: its send area, where parcels are
+# built, and its loan area, where a caller fills large buffers in place. A parcel of
+# data_len bytes is the first data_len - tail_len bytes of the send area followed by
+# tail_len bytes of the loan area from tail_offset (tail_len 0: no tail).
+SEND_AREA = 0
+LOAN_AREA = 1
+
 # -- commands a thread sends (binder's BC_*) ---------------------------------------
 BC_HELLO_PROCESS = 0x4301  # version, region_size: open a process state (binder open+mmap)
 BC_HELLO_THREAD = 0x4302  # version, process_key: join an open process state as a thread
-BC_SET_SEND_AREA = 0x4303  # size, with one sealed memfd attached (SCM_RIGHTS)
+BC_SET_SEND_AREA = 0x4303  # size, area (SEND_AREA or LOAN_AREA), one sealed memfd attached
 BC_ENTER_LOOPER = 0x4304  # this thread now waits for incoming transactions
-BC_TRANSACTION = 0x4305  # handle, code, flags, data_len: parcel at send area offset 0
-BC_REPLY = 0x4306  # flags, data_len: answer the transaction this thread is handling
+BC_TRANSACTION = 0x4305  # handle, code, flags, data_len, tail_offset, tail_len (see below)
+BC_REPLY = 0x4306  # flags, data_len, tail_offset, tail_len: answer the current transaction
 BC_FREE_BUFFER = 0x4307  # offset: the receiver is done with a buffer in its region
 BC_RELEASE = 0x4308  # handle, count: drop `count` references to a handle
 BC_EXIT_LOOPER = 0x4309  # this thread no longer waits for transactions
@@ -70,10 +77,10 @@ SM_STATUS = 5  # () -> the broker's status dict
 _FIELDS: dict[int, str] = {
     BC_HELLO_PROCESS: "IQ",
     BC_HELLO_THREAD: "IQ",
-    BC_SET_SEND_AREA: "Q",
+    BC_SET_SEND_AREA: "QI",
     BC_ENTER_LOOPER: "",
-    BC_TRANSACTION: "QIIQ",
-    BC_REPLY: "IQ",
+    BC_TRANSACTION: "QIIQQQ",
+    BC_REPLY: "IQQQ",
     BC_FREE_BUFFER: "Q",
     BC_RELEASE: "QQ",
     BC_EXIT_LOOPER: "",

@@ -63,7 +63,7 @@ class BrokerRegion:
             writable.close_fd()
         self.size = size
         self.view = memoryview(self._map)
-        self.address = mapping_address(self._map)
+        self.address = buffer_address(self._map)
         self._owner_fd: int | None = readable.fd
 
     def take_owner_fd(self) -> int:
@@ -82,12 +82,13 @@ class BrokerRegion:
         self._map.close()
 
 
-def mapping_address(mapping: mmap.mmap) -> int:
-    """The address of a writable mapping's first byte, for ``ctypes.memmove``.
+def buffer_address(buffer: mmap.mmap | memoryview) -> int:
+    """The address of a writable, contiguous buffer's first byte (for ``ctypes.memmove``).
 
-    It stays valid until the mapping is closed; the caller must not copy after that.
+    It stays valid while the buffer's memory is mapped; the caller must not copy
+    after the mapping is closed.
     """
-    anchor = ctypes.c_char.from_buffer(mapping)
+    anchor = ctypes.c_char.from_buffer(buffer)
     address = ctypes.addressof(anchor)
     del anchor  # release the export, or the mapping could never be closed
     return address
@@ -120,7 +121,7 @@ def create_send_area(size: int) -> tuple[int, mmap.mmap]:
 def map_send_area(fd: int, size: int) -> mmap.mmap:
     """The broker's mapping of a thread's send area, after checking it is safe to map.
 
-    The broker only reads it, but maps it writable so that :func:`mapping_address`
+    The broker only reads it, but maps it writable so that :func:`buffer_address`
     works (``ctypes`` takes the address of writable buffers only).
 
     Raises:

@@ -64,6 +64,10 @@ class ITest(pybinder.Interface):
         """Return something msgpack cannot carry."""
 
     @pybinder.method
+    def loaned_blob(self, size: int) -> bytes:
+        """Like blob(), but the server builds the answer in its own loan area."""
+
+    @pybinder.method
     def read_kept(self) -> str:
         """Try to read the kept view; the error type name, or "readable"."""
 
@@ -86,6 +90,8 @@ def pattern(size: int) -> bytes:
 
 
 class TestService(ITest.Stub):
+    proc: pybinder.ProcessState
+
     def __init__(self) -> None:
         self._recorded: list[Any] = []
         self._lock = threading.Lock()
@@ -138,6 +144,11 @@ class TestService(ITest.Stub):
     def unsendable(self) -> Any:
         return object()
 
+    def loaned_blob(self, size: int) -> memoryview:
+        buffer = self.proc.loan(size)
+        buffer[:] = pattern(size)
+        return buffer
+
     def read_kept(self) -> str:
         try:
             bytes(self._kept[:1])
@@ -148,7 +159,9 @@ class TestService(ITest.Stub):
 
 def serve(socket_path: str, region_size: int, threads: int) -> None:
     with pybinder.connect(socket_path, region_size=region_size) as proc:
-        proc.add_service("test", TestService())
+        service = TestService()
+        service.proc = proc
+        proc.add_service("test", service)
         proc.start_thread_pool(threads)
         print(f"ready {os.getpid()}", flush=True)
         proc.join_thread_pool()

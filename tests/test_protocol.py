@@ -92,7 +92,9 @@ def test_a_send_area_must_be_a_sealed_memfd(raw_thread):
     fd = os.memfd_create("unsealed")
     os.ftruncate(fd, 65536)
     try:
-        socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536)], [fd])
+        socket.send_fds(
+            raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, protocol.SEND_AREA)], [fd]
+        )
     finally:
         os.close(fd)
     assert answer(raw_thread)[0][0] == BR_ERROR
@@ -101,7 +103,9 @@ def test_a_send_area_must_be_a_sealed_memfd(raw_thread):
 def test_a_send_area_cannot_claim_more_than_it_holds(raw_thread):
     fd, mapping = create_send_area(65536)
     try:
-        socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 1 << 20)], [fd])
+        socket.send_fds(
+            raw_thread, [protocol.encode(BC_SET_SEND_AREA, 1 << 20, protocol.SEND_AREA)], [fd]
+        )
     finally:
         os.close(fd)
         mapping.close()
@@ -113,18 +117,22 @@ def test_transactions_are_checked_against_send_area_and_parcel(cluster, raw_thre
     service = proc.get_service("test", ITest, timeout=10)
     handle = service.binder.handle
     fd, mapping = create_send_area(65536)
-    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536)], [fd])
+    socket.send_fds(
+        raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, protocol.SEND_AREA)], [fd]
+    )
     os.close(fd)
     assert answer(raw_thread)[0][0] == BR_OK
 
-    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 1 << 20))  # past the area
+    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 1 << 20, 0, 0))  # past the area
     assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
-    raw_thread.send(protocol.encode(BC_TRANSACTION, 999, 1, 0, 64))  # a handle we never got
+    raw_thread.send(protocol.encode(BC_TRANSACTION, 999, 1, 0, 64, 0, 0))  # a handle we never got
     assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
     mapping[:64] = b"NOT A PARCEL".ljust(64, b"\0")
-    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 64))  # bad magic
+    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 64, 0, 0))  # bad magic
     failed = answer(raw_thread)[0]
     assert failed[0] == BR_FAILED_REPLY and failed[1] == 7  # ProtocolError
+    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 4096, 0, 1024))  # no loan area
+    assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
     mapping.close()
     assert service.add(20, 22) == 42
 

@@ -114,11 +114,11 @@ def test_parse_header_rejects_every_out_of_bounds_field(offset, fmt, value, mess
 
 def test_frames_round_trip_and_reject_garbage():
     message = protocol.encode(protocol.BC_FREE_BUFFER, 64) + protocol.encode(
-        protocol.BC_REPLY, 0, 100
+        protocol.BC_REPLY, 0, 100, 0, 0
     )
     assert list(protocol.decode(message)) == [
         (protocol.BC_FREE_BUFFER, 64),
-        (protocol.BC_REPLY, 0, 100),
+        (protocol.BC_REPLY, 0, 100, 0, 0),
     ]
     with pytest.raises(ProtocolError, match="unknown command"):
         list(protocol.decode(b"\xff\xff\xff\xff"))

@@ -413,12 +413,14 @@ class Broker:
 
     def _set_send_area(self, conn: Connection, fields: tuple[int, ...], fds: list[int]) -> None:
         thread = self._thread_of(conn)
-        (size,) = fields
+        size, which = fields
         if not fds:
             raise ProtocolError("BC_SET_SEND_AREA without a descriptor")
         if size > self.max_region_size:
-            raise ProtocolError(f"send area of {size} bytes exceeds {self.max_region_size}")
-        thread.set_send_area(map_send_area(fds[0], size))
+            raise ProtocolError(f"an area of {size} bytes exceeds {self.max_region_size}")
+        if which not in (protocol.SEND_AREA, protocol.LOAN_AREA):
+            raise ProtocolError(f"no area {which}")
+        thread.set_area(which, map_send_area(fds[0], size))
         self._send(conn, protocol.encode(protocol.BR_OK))
 
     @staticmethod

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pybinder.broker.allocator import BufferAllocator
-from pybinder.region import BrokerRegion, mapping_address
+from pybinder.parcel import HEADER
+from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
     from pybinder.broker.daemon import Connection
@@ -73,6 +74,27 @@ class Buffer:
     thread: ThreadRecord | None = None
 
 
+class SharedArea:
+    """One of a thread's memfds as the broker maps it: its send area or loan area.
+
+    Attributes:
+        size: bytes mapped.
+        view: a memoryview of the whole area.
+        address: where the mapping starts (valid until :meth:`close`).
+    """
+
+    def __init__(self, mapping: mmap.mmap) -> None:
+        self._map = mapping
+        self.size = len(mapping)
+        self.view = memoryview(mapping)
+        self.address = buffer_address(mapping)
+
+    def close(self) -> None:
+        self.address = 0
+        self.view.release()
+        self._map.close()
+
+
 class ThreadRecord:
     """One thread's connection to the broker (binder_thread).
 
@@ -81,6 +103,7 @@ class ThreadRecord:
             transaction stack).
         outgoing: the two-way transaction it waits on, if any.
         is_looper: it entered the looper (BC_ENTER_LOOPER) and takes new work.
+        areas: its send area and loan area (indexed by SEND_AREA, LOAN_AREA).
     """
 
     def __init__(self, process: ProcessRecord, conn: Connection) -> None:
@@ -92,9 +115,7 @@ class ThreadRecord:
         self.is_looper = False
         self.idle_since = 0
         self.alive = True
-        self.send_map: mmap.mmap | None = None
-        self.send_view: memoryview | None = None
-        self.send_address = 0
+        self.areas: list[SharedArea | None] = [None, None]
 
     @property
     def idle(self) -> bool:
@@ -107,21 +128,37 @@ class ThreadRecord:
             and self.waiting_oneway is None
         )
 
-    def set_send_area(self, mapping: mmap.mmap) -> None:
-        """Replace this thread's send area mapping."""
-        self.drop_send_area()
-        self.send_map = mapping
-        self.send_view = memoryview(mapping)
-        self.send_address = mapping_address(mapping)
+    def set_area(self, which: int, mapping: mmap.mmap) -> None:
+        """Replace this thread's send area or loan area."""
+        old = self.areas[which]
+        self.areas[which] = SharedArea(mapping)
+        if old is not None:
+            old.close()
 
-    def drop_send_area(self) -> None:
-        self.send_address = 0
-        if self.send_view is not None:
-            self.send_view.release()
-            self.send_view = None
-        if self.send_map is not None:
-            self.send_map.close()
-            self.send_map = None
+    def drop_areas(self) -> None:
+        for area in self.areas:
+            if area is not None:
+                area.close()
+        self.areas = [None, None]
+
+    def parcel_fits(self, size: int, tail_offset: int, tail_len: int) -> bool:
+        """Whether a parcel of ``size`` bytes, the last ``tail_len`` of them from the
+        loan area at ``tail_offset``, lies inside this thread's areas."""
+        send, loan = self.areas
+        head = size - tail_len
+        if send is None or not HEADER.size <= head <= send.size:
+            return False
+        return not tail_len or (loan is not None and tail_offset + tail_len <= loan.size)
+
+    def parcel_bytes(self, size: int, tail_offset: int, tail_len: int) -> bytes:
+        """A private copy of a parcel that :meth:`parcel_fits` accepted."""
+        send, loan = self.areas
+        assert send is not None
+        head = bytes(send.view[: size - tail_len])
+        if not tail_len:
+            return head
+        assert loan is not None
+        return head + bytes(loan.view[tail_offset : tail_offset + tail_len])
 
 
 class ProcessRecord:

@@ -90,13 +90,13 @@ class ServiceManager:
 
     # -- entry point ----------------------------------------------------------------
 
-    def transact(self, thread: ThreadRecord, code: int, flags: int, data: memoryview) -> None:
-        """Handle one transaction to handle 0 whose parcel is ``data`` (the send area)."""
+    def transact(self, thread: ThreadRecord, code: int, flags: int, data: bytes) -> None:
+        """Handle one transaction to handle 0 whose parcel is ``data`` (a private copy)."""
         oneway = bool(flags & TF_ONE_WAY)
         if oneway:
             self._router.send(thread, protocol.encode(BR_TRANSACTION_COMPLETE))
         try:
-            result = self._call(thread, code, bytes(data))
+            result = self._call(thread, code, data)
             body: list[Any] = [REPLY_OK, result]
         except BinderError as exc:
             body = [REPLY_BINDER_ERROR, CODE_OF_ERROR.get(type(exc), 1), str(exc)]

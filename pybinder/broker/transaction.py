@@ -36,7 +36,6 @@ from pybinder.errors import (
 )
 from pybinder.parcel import (
     BUFFER_ENTRY,
-    HEADER,
     OBJ_HANDLE,
     OBJ_NODE,
     parse_header,
@@ -98,6 +97,8 @@ class Transaction:
     to_thread: ThreadRecord | None = None
     origin: ThreadRecord | None = None
     in_async_lane: bool = False
+    tail_offset: int = 0
+    tail_len: int = 0
 
     @property
     def oneway(self) -> bool:
@@ -163,19 +164,27 @@ class Router:
     # -- BC_TRANSACTION -----------------------------------------------------------
 
     def transaction(
-        self, thread: ThreadRecord, handle: int, code: int, flags: int, size: int
+        self,
+        thread: ThreadRecord,
+        handle: int,
+        code: int,
+        flags: int,
+        size: int,
+        tail_offset: int = 0,
+        tail_len: int = 0,
     ) -> None:
-        """Start a transaction of ``size`` bytes from ``thread``'s send area to ``handle``."""
+        """Start a transaction to ``handle`` whose parcel of ``size`` bytes is in
+        ``thread``'s send area (and its last ``tail_len`` bytes in its loan area)."""
         process = thread.process
         process.transactions_sent += 1
         self.transactions += 1
-        if thread.send_view is None or not HEADER.size <= size <= len(thread.send_view):
-            limit = 0 if thread.send_view is None else len(thread.send_view)
-            self.fail(thread, ProtocolError(), size, limit)
+        if not thread.parcel_fits(size, tail_offset, tail_len):
+            self.fail(thread, ProtocolError(), size, 0)
             return
         if handle == SERVICE_MANAGER_HANDLE:
             assert self.service_manager is not None
-            self.service_manager.transact(thread, code, flags, thread.send_view[:size])
+            data = thread.parcel_bytes(size, tail_offset, tail_len)
+            self.service_manager.transact(thread, code, flags, data)
             return
         ref = process.refs.get(handle)
         if ref is None:
@@ -187,6 +196,7 @@ class Router:
         parent = thread.incoming[-1] if thread.incoming else None
         creds = (process.pid, process.uid, process.gid)
         txn = Transaction(ref.node, code, flags, size, thread, *creds, parent=parent, origin=thread)
+        txn.tail_offset, txn.tail_len = tail_offset, tail_len
         txn.in_async_lane = txn.oneway
         if txn.oneway:
             self._start_oneway(txn)
@@ -198,7 +208,7 @@ class Router:
         assert thread is not None
         target = txn.target
         try:
-            txn.buffer = self._copy(thread, target, txn.size, is_async=False)
+            txn.buffer = self._copy(thread, target, txn.size, False, txn.tail_offset, txn.tail_len)
         except BinderError as exc:
             self.fail(thread, exc, txn.size, _limit_of(exc))
             return
@@ -232,7 +242,7 @@ class Router:
         thread = txn.from_thread
         assert thread is not None
         try:
-            buffer = self._copy(thread, txn.target, txn.size, is_async=True)
+            buffer = self._copy(thread, txn.target, txn.size, True, txn.tail_offset, txn.tail_len)
         except TransactionTooLargeError:
             return False
         except BinderError as exc:
@@ -261,9 +271,19 @@ class Router:
     # -- the one copy and object translation ---------------------------------------
 
     def _copy(
-        self, sender: ThreadRecord, target: ProcessRecord, size: int, is_async: bool
+        self,
+        sender: ThreadRecord,
+        target: ProcessRecord,
+        size: int,
+        is_async: bool,
+        tail_offset: int = 0,
+        tail_len: int = 0,
     ) -> Buffer:
-        """Copy ``size`` bytes of ``sender``'s send area into a new buffer of ``target``.
+        """Copy a parcel from ``sender``'s areas into a new buffer of ``target``.
+
+        The parcel is ``size - tail_len`` bytes of the send area followed by
+        ``tail_len`` bytes of the loan area at ``tail_offset``, which
+        :meth:`ThreadRecord.parcel_fits` has checked.
 
         Raises:
             DeadObjectError: the target has died.
@@ -282,10 +302,15 @@ class Router:
                 size,
                 free,
             )
-        assert sender.send_address and size <= len(sender.send_view or b"")
-        end = buffer.offset + size
-        copy_bytes(target.region.address + buffer.offset, sender.send_address, size)
-        dest = target.region.view[buffer.offset : end]
+        send, loan = sender.areas
+        assert send is not None
+        head = size - tail_len
+        start = target.region.address + buffer.offset
+        copy_bytes(start, send.address, head)
+        if tail_len:
+            assert loan is not None
+            copy_bytes(start + head, loan.address + tail_offset, tail_len)
+        dest = target.region.view[buffer.offset : buffer.offset + size]
         try:
             header = parse_header(dest)
             self._translate(sender.process, target, dest, read_objects(dest, header))
@@ -408,7 +433,9 @@ class Router:
 
     # -- BC_REPLY ------------------------------------------------------------------
 
-    def reply(self, thread: ThreadRecord, flags: int, size: int) -> None:
+    def reply(
+        self, thread: ThreadRecord, flags: int, size: int, tail_offset: int = 0, tail_len: int = 0
+    ) -> None:
         """Finish the transaction ``thread`` handles; copy the reply to its caller."""
         if not thread.incoming:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
@@ -418,17 +445,19 @@ class Router:
         caller = txn.from_thread
         if not txn.oneway and caller is not None and caller.outgoing is txn:
             caller.outgoing = None
-            self._send_reply(thread, caller, size)
+            self._send_reply(thread, caller, size, tail_offset, tail_len)
         if thread.idle:
             thread.idle_since = next(_idle_clock)
             self.dispatch(thread.process)
 
-    def _send_reply(self, thread: ThreadRecord, caller: ThreadRecord, size: int) -> None:
-        if thread.send_view is None or not HEADER.size <= size <= len(thread.send_view):
+    def _send_reply(
+        self, thread: ThreadRecord, caller: ThreadRecord, size: int, tail_offset: int, tail_len: int
+    ) -> None:
+        if not thread.parcel_fits(size, tail_offset, tail_len):
             self.fail(caller, ProtocolError(), size, 0)
             return
         try:
-            buffer = self._copy(thread, caller.process, size, is_async=False)
+            buffer = self._copy(thread, caller.process, size, False, tail_offset, tail_len)
         except BinderError as exc:
             self.fail(caller, exc, size, _limit_of(exc))
             return
@@ -552,7 +581,7 @@ class Router:
                 target.space_waiters.remove(waiting)
         for buffer in [b for b in process.buffers.values() if b.thread is thread]:
             process.free(buffer)
-        thread.drop_send_area()
+        thread.drop_areas()
         if self.service_manager is not None:
             self.service_manager.forget_thread(thread)
         if not process.dead:

@@ -214,6 +214,23 @@ class ProcessState:
         """
         return dict(self.service_manager.status())
 
+    # -- loans ----------------------------------------------------------------------
+
+    def loan(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes that calls from this thread send without
+        a copy on this side (iceoryx-style loan; see :meth:`ThreadState.loan`).
+
+        Fill it in place (``buf[:] = ...``, ``numpy.frombuffer(buf)``, ``readinto``)
+        and pass it, or a slice of it, as an argument or a return value: the broker
+        copies it straight into the receiver's region, which makes it the only copy.
+        The buffer belongs to the calling thread and stays valid until that thread
+        asks for a larger loan.
+
+        Raises:
+            TransactionTooLargeError: ``size`` exceeds the broker's largest parcel.
+        """
+        return self.thread_state().loan(size)
+
     # -- thread pool ---------------------------------------------------------------------------
 
     def start_thread_pool(self, max_threads: int = 4) -> None:

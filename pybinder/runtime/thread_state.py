@@ -47,7 +47,7 @@ from pybinder.protocol import (
     REPLY_EXCEPTION,
     TF_ONE_WAY,
 )
-from pybinder.region import create_send_area
+from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ MIN_SEND_AREA = 64 * 1024
 #: by a message of their own (libbinder queues BC_FREE_BUFFER the same way), bytes.
 DEFERRED_FREE_LIMIT = 64 * 1024
 
-_ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0)
+_ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0, 0, 0)
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
 
 _identity = threading.local()
@@ -99,6 +99,9 @@ class ThreadState:
         self._sock = process.open_connection()
         self._send_map: mmap.mmap | None = None
         self._send_view: memoryview | None = None
+        self._loan_map: mmap.mmap | None = None
+        self._loan_view: memoryview | None = None
+        self._loan_address = 0
         self._deferred = b""
         self._closed = False
         try:
@@ -119,8 +122,8 @@ class ThreadState:
         Raises:
             DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
         """
-        size = self._write(encoded)
-        self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, size))
+        placed = self._write(encoded)
+        self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, *placed))
         outcome = self._wait_for(*_OUTCOMES)
         op = outcome[0]
         if op == BR_REPLY:
@@ -193,7 +196,7 @@ class ThreadState:
                     reply = run_call(target, code, body)
                 except BinderError as exc:
                     reply = binder_error_reply(exc)
-                reply_size = 0 if oneway else self._write_reply(reply)
+                placed = (0, 0, 0) if oneway else self._write_reply(reply)
                 for view in views:
                     _release(view)
         finally:
@@ -204,25 +207,68 @@ class ThreadState:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
             self._send(free + _ONEWAY_DONE)
         else:
-            self._send(free + protocol.encode(BC_REPLY, 0, reply_size))
+            self._send(free + protocol.encode(BC_REPLY, 0, *placed))
 
-    def _write_reply(self, reply: list[Any]) -> int:
-        """Encode a reply body into the send area; return its size in bytes."""
+    def _write_reply(self, reply: list[Any]) -> tuple[int, int, int]:
+        """Encode a reply body into the send area; see :meth:`_write`."""
         try:
             return self._write(encode_reply(reply, self._process))
         except TransactionTooLargeError as exc:
             return self._write(parcel.encode(binder_error_reply(exc)))
 
-    # -- the send area --------------------------------------------------------------------
+    # -- the send area and the loan area ------------------------------------------------
 
-    def _write(self, encoded: parcel.EncodedParcel) -> int:
-        """Write a parcel into the send area (growing it if needed); return its size."""
-        if self._send_view is None or encoded.size > len(self._send_view):
-            self._grow(encoded.size)
-        assert self._send_view is not None
-        return encoded.write_into(self._send_view)
+    def _write(self, encoded: parcel.EncodedParcel) -> tuple[int, int, int]:
+        """Write a parcel into the send area, growing it if needed.
 
-    def _grow(self, needed: int) -> None:
+        An out-of-band buffer that lies in this thread's loan area becomes the
+        parcel's tail, which the broker copies straight from the loan area.
+        Returns ``(size, tail_offset, tail_len)`` for BC_TRANSACTION / BC_REPLY.
+        """
+        tail_offset, tail_len = self._find_loaned(encoded)
+        if self._send_view is None or encoded.head_size > len(self._send_view):
+            self._send_map, self._send_view = self._new_area(
+                protocol.SEND_AREA, encoded.head_size, self._send_view, self._send_map
+            )
+        encoded.write_into(self._send_view)
+        return encoded.size, tail_offset, tail_len
+
+    def _find_loaned(self, encoded: parcel.EncodedParcel) -> tuple[int, int]:
+        """Make the first buffer that lies in the loan area the tail; return where."""
+        if self._loan_view is None:
+            return 0, 0
+        base, end = self._loan_address, self._loan_address + len(self._loan_view)
+        for index, view in enumerate(encoded.buffers):
+            if view.readonly or not view.nbytes:
+                continue
+            address = buffer_address(view)
+            if base <= address and address + view.nbytes <= end:
+                encoded.set_tail(index)
+                return address - base, view.nbytes
+        return 0, 0
+
+    def loan(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes in this thread's loan area.
+
+        Fill it in place and pass it (or a slice of it) to a call: the broker copies
+        it into the receiver's region, and nothing copies it on this side. It stays
+        valid until this thread's next loan() that needs a larger area.
+
+        Raises:
+            TransactionTooLargeError: ``size`` exceeds the broker's largest parcel.
+        """
+        if self._loan_view is None or size > len(self._loan_view):
+            old = self._loan_view
+            self._loan_map, self._loan_view = self._new_area(protocol.LOAN_AREA, size, None, None)
+            self._loan_address = buffer_address(self._loan_view)
+            if old is not None:
+                _release(old)  # the old area unmaps once the last loaned view is gone
+        return self._loan_view[:size]
+
+    def _new_area(
+        self, which: int, needed: int, old_view: memoryview | None, old_map: mmap.mmap | None
+    ) -> tuple[mmap.mmap, memoryview]:
+        """Create, register (BC_SET_SEND_AREA) and map a larger send or loan area."""
         limit = self._process.max_parcel
         if needed > limit:
             raise TransactionTooLargeError(
@@ -230,23 +276,23 @@ class ThreadState:
                 needed,
                 limit,
             )
-        current = 0 if self._send_view is None else len(self._send_view)
+        current = 0 if old_view is None else len(old_view)
         size = min(limit, max(needed, 2 * current, MIN_SEND_AREA))
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         fd, mapping = create_send_area(size)
         try:
-            socket.send_fds(self._sock, [protocol.encode(BC_SET_SEND_AREA, size)], [fd])
+            message = protocol.encode(BC_SET_SEND_AREA, size, which)
+            socket.send_fds(self._sock, [message], [fd])
         except OSError as exc:
             mapping.close()
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
         finally:
             os.close(fd)
         self._wait_for(BR_OK)
-        if self._send_view is not None:
-            self._send_view.release()
-            assert self._send_map is not None
-            self._send_map.close()
-        self._send_map, self._send_view = mapping, memoryview(mapping)
+        if old_view is not None and old_map is not None:
+            old_view.release()
+            old_map.close()
+        return mapping, memoryview(mapping)
 
     # -- the socket --------------------------------------------------------------------------
 
@@ -317,20 +363,18 @@ class ThreadState:
                 return outcome
 
     def close(self) -> None:
-        """Close the connection (waking a thread blocked on it) and the send area."""
+        """Close the connection (waking a thread blocked on it) and both areas."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        if self._send_view is not None:
-            _release(self._send_view)
-            try:
-                assert self._send_map is not None
-                self._send_map.close()
-            except BufferError:
-                pass
+        for view, mapping in ((self._send_view, self._send_map), (self._loan_view, self._loan_map)):
+            if view is not None and mapping is not None:
+                _release(view)
+                with contextlib.suppress(BufferError):  # a loaned view is still out there
+                    mapping.close()
 
 
 def _failure(code: int, size: int, limit: int) -> BinderError:
