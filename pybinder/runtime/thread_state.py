@@ -308,9 +308,9 @@ class ThreadState:
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
 
-    def _recv(self) -> bytes:
+    def _recv(self, spin: float = 0.0) -> bytes:
+        """The next message from the broker; polls ``spin`` seconds before sleeping."""
         try:
-            spin = self._process.spin_seconds
             message = self._recv_spinning(spin) if spin else self._sock.recv(MAX_MESSAGE)
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
@@ -321,10 +321,11 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        A reply (or the next call) that comes within microseconds then costs no
-        wake-up; on virtual machines a wake-up on another CPU costs tens of µs, more
-        than a whole pybinder hop. Yielding keeps the spin from starving the broker or
-        the peer when they share this CPU.
+        Only a thread waiting for a reply spins: the reply usually comes within
+        microseconds and then costs no wake-up (on virtual machines a wake-up on another
+        CPU costs tens of µs, more than a whole pybinder hop). A looper waiting for new
+        work does not: it would only compete with the broker for the CPU. Yielding keeps
+        the spin from starving the broker or the peer when they share this CPU.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
@@ -346,7 +347,7 @@ class ThreadState:
         error: ProtocolError | None = None
         while True:
             outcome: tuple[int, ...] | None = None
-            for command in protocol.decode(self._recv()):
+            for command in protocol.decode(self._recv(self._process.spin_seconds)):
                 if command[0] in wanted:
                     outcome = command
                 elif command[0] == BR_ERROR:
