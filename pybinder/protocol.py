@@ -120,6 +120,20 @@ def encode(cmd: int, *fields: int) -> bytes:
         raise ProtocolError(f"cannot encode command {cmd:#x} with {fields}: {exc}") from None
 
 
+def batch(commands: list[bytes]) -> list[bytes]:
+    """Join encoded commands into as few messages as fit in :data:`MAX_MESSAGE` bytes."""
+    messages: list[bytes] = []
+    current = b""
+    for command in commands:
+        if current and len(current) + len(command) > MAX_MESSAGE:
+            messages.append(current)
+            current = b""
+        current += command
+    if current:
+        messages.append(current)
+    return messages
+
+
 def decode(message: bytes | memoryview) -> list[tuple[int, ...]]:
     """Split a message into commands; each is a tuple ``(cmd, field, ...)``.
 

@@ -152,3 +152,13 @@ def pybinder_parts(directory: Path) -> set[str]:
 def test_broker_never_imports_the_runtime_and_back():
     assert pybinder_parts(PACKAGE / "broker") <= {"broker", *SHARED}
     assert pybinder_parts(PACKAGE / "runtime") <= {"runtime", *SHARED}
+
+
+def test_batches_of_commands_never_exceed_one_message():
+    commands = [protocol.encode(protocol.BC_RELEASE, handle, 1) for handle in range(1000)]
+    messages = protocol.batch(commands)
+    assert all(len(m) <= protocol.MAX_MESSAGE for m in messages)
+    assert b"".join(messages) == b"".join(commands)
+    assert [c for m in messages for c in protocol.decode(m)] == [
+        (protocol.BC_RELEASE, h, 1) for h in range(1000)
+    ]

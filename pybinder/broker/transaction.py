@@ -51,7 +51,6 @@ from pybinder.protocol import (
     BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
-    MAX_MESSAGE,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
 )
@@ -138,7 +137,7 @@ class Router:
         pending = thread.process.notifications
         if pending:
             thread.process.notifications = []
-            for chunk in _chunks(pending):
+            for chunk in protocol.batch(pending):
                 self._send(thread.conn, chunk)
 
     def fail(self, thread: ThreadRecord, error: BinderError, size: int = 0, limit: int = 0) -> None:
@@ -671,17 +670,3 @@ def check_entry(source: ProcessRecord, kind: int, value: int) -> None:
 
 def _limit_of(error: BinderError) -> int:
     return getattr(error, "limit", 0)
-
-
-def _chunks(messages: list[bytes]) -> list[bytes]:
-    """Join small messages into as few as fit in :data:`MAX_MESSAGE` bytes each."""
-    chunks: list[bytes] = []
-    current = b""
-    for message in messages:
-        if current and len(current) + len(message) > MAX_MESSAGE:
-            chunks.append(current)
-            current = b""
-        current += message
-    if current:
-        chunks.append(current)
-    return chunks

@@ -348,18 +348,10 @@ class ProcessState:
 
     def take_releases(self) -> list[bytes]:
         """BC_RELEASE commands queued by dropped proxies, batched into messages."""
-        if not self.releases:
-            return []
-        batch: list[bytes] = []
-        current = b""
+        commands = []
         while self.releases:
-            command = self.releases.popleft()
-            if len(current) + len(command) > MAX_MESSAGE:
-                batch.append(current)
-                current = b""
-            current += command
-        batch.append(current)
-        return batch
+            commands.append(self.releases.popleft())
+        return protocol.batch(commands)
 
     # -- closing ----------------------------------------------------------------------
 
