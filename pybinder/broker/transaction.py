@@ -293,14 +293,7 @@ class Router:
             raise DeadObjectError()
         buffer = target.allocate(size, is_async)
         if buffer is None:
-            free = target.allocator.largest_free()
-            if is_async:
-                free = min(free, target.async_free)
-            raise TransactionTooLargeError(
-                f"parcel of {size} bytes does not fit the target's free space of {free} bytes",
-                size,
-                free,
-            )
+            raise _too_large(target, size, is_async)
         send, loan = sender.areas
         assert send is not None
         head = size - tail_len
@@ -472,11 +465,8 @@ class Router:
         process = thread.process
         buffer = process.allocate(encoded.size, is_async=False)
         if buffer is None:
-            free = process.allocator.largest_free()
-            error = TransactionTooLargeError(
-                f"reply of {encoded.size} bytes does not fit the caller's free space of {free}"
-            )
-            self.fail(thread, error, encoded.size, free)
+            error = _too_large(process, encoded.size, is_async=False)
+            self.fail(thread, error, encoded.size, error.limit)
             return
         dest = process.region.view[buffer.offset : buffer.offset + encoded.size]
         try:
@@ -624,16 +614,6 @@ class Router:
         process.buffers.clear()
         process.region.close()
 
-    # -- status ----------------------------------------------------------------------
-
-    def status(self) -> dict[str, object]:
-        return {
-            "transactions": self.transactions,
-            "bytes_copied": self.bytes_copied,
-            "buffer_bytes_copied": self.buffer_bytes_copied,
-            "processes": [p.status() for p in self.processes.values()],
-        }
-
 
 def copy_bytes(destination: int, source: int, size: int) -> None:
     """Copy ``size`` bytes between two checked addresses: the one copy.
@@ -666,6 +646,15 @@ def check_entry(source: ProcessRecord, kind: int, value: int) -> None:
         raise ProtocolError(f"parcel names handle {value}, which its sender does not hold")
     if kind not in (OBJ_NODE, OBJ_HANDLE):
         raise ProtocolError(f"parcel object of unknown kind {kind}")
+
+
+def _too_large(target: ProcessRecord, size: int, is_async: bool) -> TransactionTooLargeError:
+    """The error for a parcel of ``size`` bytes that ``target``'s region cannot take now."""
+    free = target.allocator.largest_free()
+    if is_async:
+        free = min(free, target.async_free)
+    message = f"parcel of {size} bytes does not fit the target's free space of {free} bytes"
+    return TransactionTooLargeError(message, size, free)
 
 
 def _limit_of(error: BinderError) -> int:
