@@ -39,8 +39,9 @@ HELLO_TIMEOUT = 10.0
 #: Seconds close() waits for loopers to stop and for the broker to let go.
 CLOSE_TIMEOUT = 5.0
 
-#: How long a thread waiting for a reply polls before it sleeps, in µs (``$PYBINDER_SPIN_US``).
-DEFAULT_SPIN_US = 50.0
+#: The longest a thread waiting for a reply polls before it sleeps, in µs
+#: (``$PYBINDER_SPIN_US``); within it, twice the thread's recent typical wait.
+DEFAULT_SPIN_US = 200.0
 
 _live_states: weakref.WeakSet[ProcessState] = weakref.WeakSet()
 
@@ -60,9 +61,11 @@ class ProcessState:
         socket_path: the broker's socket (None: see :func:`pybinder.paths.resolve_socket_path`).
         region_size: bytes of receive region to ask for (None: the broker's default,
             1 MiB - 8 KiB); the broker caps it at its ``--max-region-size``.
-        spin_us: how long a thread waiting for a reply polls, yielding the CPU, before
-            it sleeps, in µs (None: ``$PYBINDER_SPIN_US`` or 50; 0 never spins). A
-            reply that comes within that time then costs no wake-up.
+        spin_us: the longest a thread waiting for a reply polls, yielding the CPU,
+            before it sleeps, in µs (None: ``$PYBINDER_SPIN_US`` or 200; 0 never spins).
+            Within it a thread polls for twice its recent typical wait, and not at all
+            while replies take longer than ``spin_us``. A reply that comes while it
+            polls costs no wake-up.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.

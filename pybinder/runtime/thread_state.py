@@ -102,6 +102,7 @@ class ThreadState:
         self._loan_map: mmap.mmap | None = None
         self._loan_view: memoryview | None = None
         self._loan_address = 0
+        self._typical_wait = process.spin_seconds / 4  # seconds; see _spin_budget
         self._deferred = b""
         self._closed = False
         try:
@@ -124,7 +125,9 @@ class ThreadState:
         """
         placed = self._write(encoded)
         self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, *placed))
-        outcome = self._wait_for(*_OUTCOMES)
+        started = time.perf_counter()
+        outcome = self._wait_for(*_OUTCOMES, spin=self._spin_budget())
+        self._observe_wait(time.perf_counter() - started)
         op = outcome[0]
         if op == BR_REPLY:
             return outcome[1], outcome[2]
@@ -321,11 +324,12 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        Only a thread waiting for a reply spins: the reply usually comes within
-        microseconds and then costs no wake-up (on virtual machines a wake-up on another
-        CPU costs tens of µs, more than a whole pybinder hop). A looper waiting for new
-        work does not: it would only compete with the broker for the CPU. Yielding keeps
-        the spin from starving the broker or the peer when they share this CPU.
+        Only a thread waiting for a reply spins (see :meth:`_spin_budget`): the reply
+        usually comes within tens of microseconds and then costs no wake-up (on virtual
+        machines a wake-up on another CPU costs tens of µs, more than a pybinder hop).
+        A looper waiting for new work does not: it would only compete with the broker
+        for the CPU. Yielding keeps the spin from starving the broker or the peer when
+        they share this CPU.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
@@ -338,7 +342,20 @@ class ThreadState:
                 return sock.recv(MAX_MESSAGE)
             os.sched_yield()
 
-    def _wait_for(self, *wanted: int) -> tuple[int, ...]:
+    def _spin_budget(self) -> float:
+        """How long to poll for the next reply, in seconds: twice the recent typical
+        wait, at most the process's ``spin_seconds``, and nothing when replies have
+        lately taken longer than that (a slow method: spinning would only burn CPU)."""
+        limit = self._process.spin_seconds
+        typical = self._typical_wait
+        return 0.0 if typical > limit else min(limit, 2 * typical)
+
+    def _observe_wait(self, elapsed: float) -> None:
+        """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8)."""
+        capped = min(elapsed, 4 * self._process.spin_seconds)
+        self._typical_wait += (capped - self._typical_wait) / 8
+
+    def _wait_for(self, *wanted: int, spin: float = 0.0) -> tuple[int, ...]:
         """Receive until one of ``wanted`` arrives, serving everything else meanwhile.
 
         A BR_ERROR that arrives first is raised after the outcome, so the outcome is
@@ -347,7 +364,7 @@ class ThreadState:
         error: ProtocolError | None = None
         while True:
             outcome: tuple[int, ...] | None = None
-            for command in protocol.decode(self._recv(self._process.spin_seconds)):
+            for command in protocol.decode(self._recv(spin)):
                 if command[0] in wanted:
                     outcome = command
                 elif command[0] == BR_ERROR:
