@@ -12,6 +12,7 @@ import pytest
 from peers import ITest, pattern
 
 import pybinder
+from pybinder.runtime.thread_state import MIN_SPIN
 
 
 @pytest.fixture
@@ -201,3 +202,16 @@ def test_parcel_over_the_broker_limit_is_refused_before_sending(service):
         service.digest(bytes(65 << 20))  # the test broker caps regions at 64 MiB
     assert info.value.limit == 64 << 20
     assert service.add(1, 2) == 3
+
+
+def test_a_caller_spins_only_briefly_while_replies_are_slow(cluster):
+    cluster.server()
+    with pybinder.connect(cluster.socket, spin_us=10_000) as proc:
+        service = proc.get_service("test", ITest, timeout=10)
+        thread = proc.thread_state()
+        for _ in range(12):
+            service.sleep(0.03)
+        assert thread._spin_budget() == MIN_SPIN  # 30 ms replies: only the short poll
+        for _ in range(60):
+            service.add(1, 1)
+        assert MIN_SPIN < thread._spin_budget() <= 0.01  # fast again: longer, within the limit
