@@ -319,20 +319,18 @@ class TransportRun:
     def _driver_workloads(self, client: Any) -> None:
         """Echo and streaming, with the driver process as the client."""
         budget = self.cfg.budget
-        for size in self.cfg.echo_sizes:
-            self._step(f"echo {fmt_size(size)}")
-            before = client.counters()
-            m = measure_echo(client, size, budget)
-            self.ledger.record(size, before, client.counters(), m["payload_bytes_sent"])
-            self.row["echo"].append(m)
-            self._done()
-        for size in self.cfg.stream_sizes:
-            self._step(f"stream {fmt_size(size)}")
-            before = client.counters()
-            m = measure_stream(client, size, budget)
-            self.ledger.record(size, before, client.counters(), m["payload_bytes_sent"])
-            self.row["stream"].append(m)
-            self._done()
+        workloads = (
+            ("echo", self.cfg.echo_sizes, measure_echo),
+            ("stream", self.cfg.stream_sizes, measure_stream),
+        )
+        for kind, sizes, measure in workloads:
+            for size in sizes:
+                self._step(f"{kind} {fmt_size(size)}")
+                before = client.counters()
+                m = measure(client, size, budget)
+                self.ledger.record(size, before, client.counters(), m["payload_bytes_sent"])
+                self.row[kind].append(m)
+                self._done()
 
     def _aggregate(self, endpoints: list[Any], env: RunEnv) -> None:
         """Aggregate calls/s from 1, 2, 4 client processes."""
