@@ -43,7 +43,7 @@ class BufferAllocator:
 
         Returns the offset, or None when no free range is large enough.
         """
-        size = self.rounded(size)
+        size = max(ALIGNMENT, (size + ALIGNMENT - 1) & ~(ALIGNMENT - 1))  # rounded(), inlined
         index = bisect.bisect_left(self._by_size, (size, -1))
         if index == len(self._by_size):
             return None

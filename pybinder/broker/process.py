@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pybinder.broker.transaction import Transaction
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """A local object (Stub) in its owner that others can reach (binder_node).
 
@@ -48,7 +48,7 @@ class Node:
         return self.owner.dead
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ref:
     """One process's handle to a node (binder_ref); ``count`` is the deliveries not released."""
 
@@ -58,7 +58,7 @@ class Ref:
     count: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Buffer:
     """A live allocation in a receive region (binder_buffer).
 
@@ -113,7 +113,6 @@ class ThreadRecord:
         self.outgoing: Transaction | None = None
         self.waiting_oneway: Transaction | None = None
         self.is_looper = False
-        self.idle_since = 0
         self.alive = True
         self.areas: list[SharedArea | None] = [None, None]
 
@@ -181,6 +180,7 @@ class ProcessRecord:
         self.async_free = self.allocator.capacity // 2
         self.buffers: dict[int, Buffer] = {}
         self.threads: list[ThreadRecord] = []
+        self.idle_stack: list[ThreadRecord] = []
         self.todo: deque[Transaction] = deque()
         self.space_waiters: deque[Transaction] = deque()
         self.nodes: dict[int, Node] = {}
@@ -199,12 +199,23 @@ class ProcessRecord:
 
     def idle_looper(self) -> ThreadRecord | None:
         """The looper that most recently became free, if any: it is the likeliest to
-        be still polling (not yet asleep) and to have warm caches."""
-        best: ThreadRecord | None = None
-        for thread in self.threads:
-            if thread.idle and (best is None or thread.idle_since > best.idle_since):
-                best = thread
-        return best
+        have warm caches. Threads are stacked as they become idle (:meth:`became_idle`);
+        entries that have since taken work are dropped on the way."""
+        stack = self.idle_stack
+        while stack:
+            thread = stack[-1]
+            if thread.idle:
+                return thread
+            stack.pop()
+        for thread in self.threads:  # one freed by a path that did not stack it
+            if thread.idle:
+                return thread
+        return None
+
+    def became_idle(self, thread: ThreadRecord) -> None:
+        """Note that ``thread`` (a looper with nothing to do) can take work."""
+        if not self.idle_stack or self.idle_stack[-1] is not thread:
+            self.idle_stack.append(thread)
 
     def ref_for(self, node: Node) -> Ref:
         """This process's ref to ``node``, created (with a new handle) if it has none."""
@@ -219,14 +230,13 @@ class ProcessRecord:
 
     def allocate(self, size: int, is_async: bool) -> Buffer | None:
         """Allocate a buffer of ``size`` bytes, or None if it does not fit now."""
-        rounded = BufferAllocator.rounded(size)
-        if is_async and rounded > self.async_free:
+        if is_async and BufferAllocator.rounded(size) > self.async_free:
             return None
         offset = self.allocator.allocate(size)
         if offset is None:
             return None
         if is_async:
-            self.async_free -= rounded
+            self.async_free -= self.allocator.size_of(offset)
         buffer = Buffer(offset, size, is_async)
         self.buffers[offset] = buffer
         return buffer

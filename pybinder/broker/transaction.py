@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pybinder import protocol
@@ -61,7 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pybinder.broker")
 
-_idle_clock = itertools.count(1)
+_BR_TRANSACTION = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
+_BR_REPLY = protocol.COMMAND_STRUCTS[BR_REPLY]
 
 #: Copies of at least this many bytes are split over two threads.
 PARALLEL_COPY_MIN = 2 * 1024 * 1024
@@ -98,10 +98,10 @@ class Transaction:
     in_async_lane: bool = False
     tail_offset: int = 0
     tail_len: int = 0
+    oneway: bool = field(init=False)
 
-    @property
-    def oneway(self) -> bool:
-        return bool(self.flags & TF_ONE_WAY)
+    def __post_init__(self) -> None:
+        self.oneway = bool(self.flags & TF_ONE_WAY)
 
     @property
     def target(self) -> ProcessRecord:
@@ -305,7 +305,8 @@ class Router:
         dest = target.region.view[buffer.offset : buffer.offset + size]
         try:
             header = parse_header(dest)
-            self._translate(sender.process, target, dest, read_objects(dest, header))
+            if header.n_objects:
+                self._translate(sender.process, target, dest, read_objects(dest, header))
             self._count_copy(target, dest, header.n_buffers, header.buffer_table, size)
         except ProtocolError:
             target.free(buffer)
@@ -410,7 +411,7 @@ class Router:
         buffer.thread = thread
         thread.incoming.append(txn)
         txn.target.transactions_received += 1
-        message = protocol.encode(
+        message = _BR_TRANSACTION.pack(
             BR_TRANSACTION,
             txn.node.local_id,
             txn.code,
@@ -439,7 +440,7 @@ class Router:
             caller.outgoing = None
             self._send_reply(thread, caller, size, tail_offset, tail_len)
         if thread.idle:
-            thread.idle_since = next(_idle_clock)
+            thread.process.became_idle(thread)
             self.dispatch(thread.process)
 
     def _send_reply(
@@ -454,7 +455,9 @@ class Router:
             self.fail(caller, exc, size, _limit_of(exc))
             return
         buffer.thread = caller
-        self.send(caller, protocol.encode(BR_REPLY, buffer.offset, size))
+        self.send(caller, _BR_REPLY.pack(BR_REPLY, buffer.offset, size))
+        if caller.idle:
+            caller.process.became_idle(caller)
 
     def reply_from_broker(self, thread: ThreadRecord, body: object) -> None:
         """Answer ``thread`` with a parcel the broker built (service manager replies).
@@ -510,7 +513,8 @@ class Router:
             self.protocol_error(thread, error)
             return
         process.free(buffer)
-        self.retry_space_waiters(process)
+        if process.space_waiters:
+            self.retry_space_waiters(process)
 
     def release(self, thread: ThreadRecord, handle: int, count: int) -> None:
         """Drop ``count`` deliveries of ``handle``; at zero the handle goes away."""
@@ -541,7 +545,7 @@ class Router:
 
     def enter_looper(self, thread: ThreadRecord) -> None:
         thread.is_looper = True
-        thread.idle_since = next(_idle_clock)
+        thread.process.became_idle(thread)
         self.dispatch(thread.process)
 
     def exit_looper(self, thread: ThreadRecord) -> None:
