@@ -189,6 +189,9 @@ class EncodedParcel:
         buffers, tail = self.buffers, self.tail
         pos = HEADER.size + OBJECT_ENTRY.size * len(self.objects)
         pos += BUFFER_ENTRY.size * len(buffers) + len(self.body)
+        if not buffers:
+            self.offsets, self.size, self.head_size = [], pos, pos
+            return
         order = [i for i in range(len(buffers)) if i != tail]
         if tail is not None:
             order.append(tail)

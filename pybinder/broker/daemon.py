@@ -185,9 +185,12 @@ class Broker:
                     conn = self._conns.get(fd)
                     if conn is not None:
                         self._on_event(conn, events)
-                self._close_pending()
-            self._run_timers()
-            self._close_pending()
+                if self._closing:
+                    self._close_pending()
+            if self._timers:
+                self._run_timers()
+                if self._closing:
+                    self._close_pending()
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler or another thread."""
@@ -335,7 +338,7 @@ class Broker:
         except OSError:
             self._closing.append(conn)
             return
-        fds = _received_fds(ancillary)
+        fds = _received_fds(ancillary) if ancillary else []
         try:
             if not data:
                 self._closing.append(conn)
@@ -344,7 +347,7 @@ class Broker:
             else:
                 self._handle_message(conn, data, fds)
         finally:
-            for fd in fds:
+            for fd in fds:  # any not consumed by a command
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
