@@ -1,0 +1,113 @@
+"""Instructions per call in the broker and in the server, counted by callgrind.
+
+Times on a shared VM move by 2x between runs; instruction counts do not. This runs
+a broker and an echo server under ``valgrind --tool=callgrind`` (spinning off, so
+the count does not depend on timing), makes two batches of calls from this process,
+and reports the difference per call. Use it to compare two versions of the hot path:
+
+    python benchmarks/instructions.py [--size BYTES]
+
+Needs valgrind (Debian package ``valgrind``). Takes about 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pybinder
+
+VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+SMALL_BATCH, LARGE_BATCH = 100, 600  # calls; the difference is what is counted
+TIMEOUT_S = 300.0
+
+
+class IEcho(pybinder.Interface):
+    DESCRIPTOR = "bench.IEchoCount"
+
+    @pybinder.method
+    def echo(self, payload: bytes) -> bytes:
+        """Answer 8 bytes."""
+
+
+class Echo(IEcho.Stub):
+    def echo(self, payload: bytes) -> bytes:
+        return b"12345678"
+
+
+def serve(socket_path: str) -> None:
+    """The server role, run under valgrind by :func:`count`."""
+    with pybinder.connect(socket_path, spin_us=0) as proc:
+        proc.add_service("echo", Echo())
+        print("ready", flush=True)
+        proc.join_thread_pool()
+
+
+def count(calls: int, size: int) -> tuple[int, int]:
+    """Instructions the broker and the server executed for ``calls`` echo calls."""
+    env = {**os.environ, "PYBINDER_SPIN_US": "0"}
+    with tempfile.TemporaryDirectory(prefix="pybinder-ir-") as tmp:
+        sock = str(Path(tmp) / "broker.sock")
+        broker_cmd = [sys.executable, "-m", "pybinder", "broker", "--socket", sock]
+        broker = subprocess.Popen(
+            [*VALGRIND, *broker_cmd, "--spin-us", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        server = None
+        try:
+            broker.stdout.readline()  # type: ignore[union-attr]
+            server = subprocess.Popen(
+                [*VALGRIND, sys.executable, __file__, "serve", sock],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            server.stdout.readline()  # type: ignore[union-attr]
+            with pybinder.connect(sock, spin_us=0) as proc:
+                echo = proc.get_service("echo", IEcho, timeout=TIMEOUT_S)
+                payload = bytes(size)
+                for _ in range(calls):
+                    echo.echo(payload)
+        finally:
+            for child in (server, broker):
+                if child is not None:
+                    child.terminate()
+        return _collected(broker), _collected(server)
+
+
+def _collected(child: subprocess.Popen[str] | None) -> int:
+    assert child is not None
+    _, err = child.communicate(timeout=TIMEOUT_S)
+    match = re.search(r"Collected : (\d+)", err)
+    if match is None:
+        raise RuntimeError(f"callgrind printed no count: {err[-500:]}")
+    return int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:
+        serve(args[1])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
+    size = parser.parse_args(args).size
+    small = count(SMALL_BATCH, size)
+    large = count(LARGE_BATCH, size)
+    calls = LARGE_BATCH - SMALL_BATCH
+    broker, server = ((b - a) // calls for a, b in zip(small, large, strict=True))
+    print(f"{size}-byte echo: broker {broker:,} and server {server:,} instructions per call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
