@@ -345,26 +345,16 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
         if view.nbytes >= OUT_OF_BAND_THRESHOLD:
             return out_of_band(_flat_bytes(view))
         return value
-    if kind is list or kind is tuple:
-        lifted: list[Any] | None = None
-        for index, item in enumerate(value):
+    if kind is list or kind is tuple or kind is dict:
+        pairs = value.items() if kind is dict else enumerate(value)
+        lifted: Any = None
+        for key, item in pairs:
             if type(item) in _SCALARS:
                 continue
             new = _lift_buffers(item, out_of_band)
             if new is not item:
                 if lifted is None:
-                    lifted = list(value)
-                lifted[index] = new
+                    lifted = dict(value) if kind is dict else list(value)
+                lifted[key] = new
         return value if lifted is None else lifted
-    if kind is dict:
-        lifted_dict: dict[Any, Any] | None = None
-        for key, item in value.items():
-            if type(item) in _SCALARS:
-                continue
-            new = _lift_buffers(item, out_of_band)
-            if new is not item:
-                if lifted_dict is None:
-                    lifted_dict = dict(value)
-                lifted_dict[key] = new
-        return value if lifted_dict is None else lifted_dict
     return value

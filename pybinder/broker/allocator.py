@@ -56,10 +56,6 @@ class BufferAllocator:
         self.in_use += size
         return start
 
-    def owns(self, offset: int) -> bool:
-        """Whether ``offset`` is the start of a live allocation."""
-        return offset in self._allocated
-
     def size_of(self, offset: int) -> int:
         """The rounded size of the live allocation at ``offset``."""
         return self._allocated[offset]

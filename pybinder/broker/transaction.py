@@ -194,8 +194,18 @@ class Router:
             return
         parent = thread.incoming[-1] if thread.incoming else None
         creds = (process.pid, process.uid, process.gid)
-        txn = Transaction(ref.node, code, flags, size, thread, *creds, parent=parent, origin=thread)
-        txn.tail_offset, txn.tail_len = tail_offset, tail_len
+        txn = Transaction(
+            ref.node,
+            code,
+            flags,
+            size,
+            thread,
+            *creds,
+            parent=parent,
+            origin=thread,
+            tail_offset=tail_offset,
+            tail_len=tail_len,
+        )
         txn.in_async_lane = txn.oneway
         if txn.oneway:
             self._start_oneway(txn)
@@ -321,7 +331,8 @@ class Router:
         self.bytes_copied += size
         target.bytes_copied_in += size
         for i in range(n_buffers):
-            self.buffer_bytes_copied += BUFFER_ENTRY.unpack_from(dest, table + 16 * i)[1]
+            _, length = BUFFER_ENTRY.unpack_from(dest, table + BUFFER_ENTRY.size * i)
+            self.buffer_bytes_copied += length
 
     def _translate(
         self,

@@ -65,7 +65,6 @@ class BinderProxy:
     def __init__(self, process: ProcessState, handle: int) -> None:
         self.process = process
         self.handle = handle
-        self.__weakref__: Any
 
     def transact(
         self,
