@@ -21,6 +21,7 @@ region instead of copies.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,6 +56,10 @@ BUFFER_ENTRY = struct.Struct("<QQ")
 _INDEX = struct.Struct("<I")
 
 assert HEADER.size == 32 and OBJECT_ENTRY.size == 16 and BUFFER_ENTRY.size == 16
+_HEADER_SIZE = HEADER.size
+_ENTRY_SIZE = BUFFER_ENTRY.size  # of either table
+_unpack_header = HEADER.unpack_from
+_new_tuple = tuple.__new__
 
 ObjectEncoder = Callable[[Any], "tuple[int, int] | None"]
 ObjectDecoder = Callable[[int, int], Any]
@@ -92,11 +97,7 @@ class ParcelHeader(NamedTuple):
     body_start: int
     body_len: int
     total_len: int
-
-    @property
-    def buffer_table(self) -> int:
-        """Offset of the buffer table."""
-        return HEADER.size + OBJECT_ENTRY.size * self.n_objects
+    buffer_table: int
 
 
 def align(n: int, boundary: int = BUFFER_ALIGN) -> int:
@@ -114,30 +115,28 @@ def parse_header(parcel: memoryview | bytes) -> ParcelHeader:
         ProtocolError: bad magic or version, or any offset or length out of bounds.
     """
     size = len(parcel)
-    if size < HEADER.size:
+    if size < _HEADER_SIZE:
         raise ProtocolError(f"parcel of {size} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, _flags, n_objects, n_buffers, body_len, _pad, total_len = HEADER.unpack_from(
-        parcel, 0
-    )
+    magic, version, _flags, n_objects, n_buffers, body_len, _pad, total_len = _unpack_header(parcel)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"not a parcel: magic {magic!r}, version {version}")
     if total_len != size:
         raise ProtocolError(f"parcel header says {total_len} bytes, frame says {size}")
     if n_objects > MAX_OBJECTS or n_buffers > MAX_BUFFERS:
         raise ProtocolError(f"parcel has {n_objects} objects and {n_buffers} buffers; too many")
-    body_start = HEADER.size + OBJECT_ENTRY.size * n_objects + BUFFER_ENTRY.size * n_buffers
+    table = _HEADER_SIZE + _ENTRY_SIZE * n_objects
+    body_start = table + _ENTRY_SIZE * n_buffers
     body_end = body_start + body_len
     if body_end > size:
         raise ProtocolError(f"parcel body ends at byte {body_end}, past its end at {size}")
-    header = ParcelHeader(n_objects, n_buffers, body_start, body_len, total_len)
-    table = header.buffer_table
     for i in range(n_buffers):
-        offset, length = BUFFER_ENTRY.unpack_from(parcel, table + BUFFER_ENTRY.size * i)
+        offset, length = BUFFER_ENTRY.unpack_from(parcel, table + _ENTRY_SIZE * i)
         if offset < body_end or offset + length > size:
             raise ProtocolError(
                 f"parcel buffer {i} ({offset}+{length}) lies outside {body_end}..{size}"
             )
-    return header
+    # tuple.__new__ skips the NamedTuple's Python-level __new__ (a third of this function)
+    return _new_tuple(ParcelHeader, (n_objects, n_buffers, body_start, body_len, total_len, table))
 
 
 def read_objects(parcel: memoryview | bytes, header: ParcelHeader) -> list[tuple[int, int]]:
@@ -238,32 +237,56 @@ def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedPar
     Raises:
         TypeError: a value msgpack cannot carry and ``encode_object`` does not accept.
     """
-    objects: list[tuple[int, int]] = []
-    buffers: list[memoryview] = []
+    encoder = getattr(_encoders, "idle", None)
+    _encoders.idle = None  # taken: a nested encode on this thread builds its own
+    if encoder is None:
+        encoder = _Encoder()
+    try:
+        return encoder.encode(value, encode_object)
+    finally:
+        _encoders.idle = encoder
 
-    def out_of_band(view: memoryview) -> msgpack.ExtType:
-        buffers.append(view)
-        return msgpack.ExtType(EXT_BUFFER, _INDEX.pack(len(buffers) - 1))
 
-    def default(obj: Any) -> Any:
+class _Encoder:
+    """A reusable msgpack Packer (building one costs more than packing a small call)
+    and the object and buffer lists its hooks fill for the parcel being encoded."""
+
+    def __init__(self) -> None:
+        self.objects: list[tuple[int, int]] = []
+        self.buffers: list[memoryview] = []
+        self.encode_object: ObjectEncoder | None = None
+        self.packer = msgpack.Packer(default=self.default, use_bin_type=True, datetime=False)
+
+    def encode(self, value: Any, encode_object: ObjectEncoder | None) -> EncodedParcel:
+        objects: list[tuple[int, int]] = []
+        buffers: list[memoryview] = []
+        self.objects, self.buffers, self.encode_object = objects, buffers, encode_object
+        if type(value) not in _SCALARS:
+            value = _lift_buffers(value, self.out_of_band)
+        return EncodedParcel(self.packer.pack(value), objects, buffers)
+
+    def out_of_band(self, view: memoryview) -> msgpack.ExtType:
+        self.buffers.append(view)
+        return msgpack.ExtType(EXT_BUFFER, _INDEX.pack(len(self.buffers) - 1))
+
+    def default(self, obj: Any) -> Any:
         if isinstance(obj, ObjectRef):
-            objects.append((obj.kind, obj.value))
-            return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(objects) - 1))
-        if encode_object is not None:
-            entry = encode_object(obj)
+            self.objects.append((obj.kind, obj.value))
+            return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(self.objects) - 1))
+        if self.encode_object is not None:
+            entry = self.encode_object(obj)
             if entry is not None:
-                objects.append(entry)
-                return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(objects) - 1))
+                self.objects.append(entry)
+                return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(self.objects) - 1))
         try:
             view = memoryview(obj)
         except TypeError:
             raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
         view = _flat_bytes(view)
-        return out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
+        return self.out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
 
-    value = _lift_buffers(value, out_of_band)
-    body = msgpack.packb(value, default=default, use_bin_type=True, datetime=False)
-    return EncodedParcel(body, objects, buffers)
+
+_encoders = threading.local()
 
 
 def decode(
@@ -282,6 +305,8 @@ def decode(
         ProtocolError: the parcel is malformed or its body is not valid msgpack.
     """
     header = parse_header(parcel)
+    if not (header.n_objects or header.n_buffers):  # nothing out of band: no hook needed
+        return _unpack(parcel[header.body_start : header.body_start + header.body_len]), []
     views: list[memoryview] = []
     objects = read_objects(parcel, header) if header.n_objects else []
     table = header.buffer_table
@@ -302,17 +327,26 @@ def decode(
             return decode_object(kind, value)
         raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
 
-    body = memoryview(parcel)[header.body_start : header.body_start + header.body_len]
-    hook = ext_hook if header.n_objects or header.n_buffers else _no_extensions
+    return _unpack(parcel[header.body_start : header.body_start + header.body_len], ext_hook), views
+
+
+def _unpack(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:
+    """Unpack a parcel body (and release it, if it is a view).
+
+    Raises:
+        ProtocolError: the body is not valid msgpack, or names a missing extension.
+    """
     try:
-        value = msgpack.unpackb(body, ext_hook=hook, raw=False, strict_map_key=False)
+        return msgpack.unpackb(
+            body, ext_hook=ext_hook or _no_extensions, raw=False, strict_map_key=False
+        )
     except ProtocolError:
         raise
     except Exception as exc:
         raise ProtocolError(f"parcel body is not valid msgpack: {exc}") from None
     finally:
-        body.release()
-    return value, views
+        if type(body) is memoryview:
+            body.release()
 
 
 def _no_extensions(code: int, data: bytes) -> Any:
@@ -346,10 +380,13 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
             return out_of_band(_flat_bytes(view))
         return value
     if kind is list or kind is tuple or kind is dict:
+        if not value:
+            return value
         pairs = value.items() if kind is dict else enumerate(value)
         lifted: Any = None
         for key, item in pairs:
-            if type(item) in _SCALARS:
+            item_kind = type(item)
+            if item_kind in _SCALARS or (item_kind is bytes and len(item) < OUT_OF_BAND_THRESHOLD):
                 continue
             new = _lift_buffers(item, out_of_band)
             if new is not item:

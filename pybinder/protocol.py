@@ -140,9 +140,13 @@ def decode(message: bytes | memoryview) -> list[tuple[int, ...]]:
     Raises:
         ProtocolError: an unknown command code or a truncated command.
     """
+    end = len(message)
+    if end >= 4:  # the common case, a message of one whole command
+        layout = COMMAND_STRUCTS.get(_CODE.unpack_from(message)[0])
+        if layout is not None and layout.size == end:
+            return [layout.unpack(message)]
     commands = []
     pos = 0
-    end = len(message)
     while pos < end:
         if end - pos < 4:
             raise ProtocolError(f"truncated command code at byte {pos} of {end}")

@@ -44,14 +44,20 @@ class BufferAllocator:
         Returns the offset, or None when no free range is large enough.
         """
         size = max(ALIGNMENT, (size + ALIGNMENT - 1) & ~(ALIGNMENT - 1))  # rounded(), inlined
-        index = bisect.bisect_left(self._by_size, (size, -1))
-        if index == len(self._by_size):
+        by_size = self._by_size
+        index = bisect.bisect_left(by_size, (size, -1))
+        if index == len(by_size):
             return None
-        free_size, start = self._by_size.pop(index)
+        free_size, start = by_size.pop(index)
         del self._free_at[start]
-        del self._free_ending[start + free_size]
-        if free_size > size:
-            self._add_free(start + size, free_size - size)
+        end = start + free_size
+        if free_size > size:  # the rest stays free: it keeps its end, gets a new start
+            rest = start + size
+            bisect.insort(by_size, (free_size - size, rest))
+            self._free_at[rest] = free_size - size
+            self._free_ending[end] = rest
+        else:
+            del self._free_ending[end]
         self._allocated[start] = size
         self.in_use += size
         return start
@@ -71,21 +77,19 @@ class BufferAllocator:
         size = self._allocated.pop(offset)
         self.in_use -= size
         start, end = offset, offset + size
-        after = self._free_at.get(end)
+        free_at, free_ending = self._free_at, self._free_ending
+        after = free_at.get(end)
         if after is not None:
             self._remove_free(end, after)
             end += after
-        before = self._free_ending.get(start)
+        before = free_ending.get(start)
         if before is not None:
             self._remove_free(before, start - before)
             start = before
-        self._add_free(start, end - start)
+        bisect.insort(self._by_size, (end - start, start))
+        free_at[start] = end - start
+        free_ending[end] = start
         return size
-
-    def _add_free(self, start: int, size: int) -> None:
-        bisect.insort(self._by_size, (size, start))
-        self._free_at[start] = size
-        self._free_ending[start + size] = start
 
     def _remove_free(self, start: int, size: int) -> None:
         index = bisect.bisect_left(self._by_size, (size, start))

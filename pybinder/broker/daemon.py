@@ -50,6 +50,8 @@ _MAX_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+BC_TRANSACTION, BC_REPLY = protocol.BC_TRANSACTION, protocol.BC_REPLY
+_HOT_COMMANDS = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
 
 
 class BrokerAlreadyRunningError(RuntimeError):
@@ -175,16 +177,19 @@ class Broker:
         listener = self._listener
         assert listener is not None, "call start() first"
         listen_fd, wakeup_fd = listener.fileno(), self._wakeup_r.fileno()
+        conns = self._conns
         while not self._stopping:
             for fd, events in self._poll():
-                if fd == listen_fd:
+                conn = conns.get(fd)
+                if conn is not None:
+                    if events & select.EPOLLOUT:
+                        self._flush(conn)
+                    if events & _READABLE:
+                        self._read(conn)
+                elif fd == listen_fd:
                     self._accept()
                 elif fd == wakeup_fd:
                     self._drain_wakeup()
-                else:
-                    conn = self._conns.get(fd)
-                    if conn is not None:
-                        self._on_event(conn, events)
                 if self._closing:
                     self._close_pending()
             if self._timers:
@@ -324,12 +329,6 @@ class Broker:
         self._conns[conn.fd] = conn
         self._epoll.register(conn.fd, select.EPOLLIN)
 
-    def _on_event(self, conn: Connection, events: int) -> None:
-        if events & select.EPOLLOUT:
-            self._flush(conn)
-        if events & _READABLE:
-            self._read(conn)
-
     def _read(self, conn: Connection) -> None:
         try:
             data, ancillary, flags, _ = conn.sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
@@ -352,15 +351,29 @@ class Broker:
                     os.close(fd)
 
     def _handle_message(self, conn: Connection, data: bytes, fds: list[int]) -> None:
+        router, thread = self.router, conn.thread
         try:
             for command in protocol.decode(data):
-                handler = self._thread_handlers.get(command[0])
+                op = command[0]
+                # The hot commands are unpacked here: a call with *args costs more.
+                if thread is not None and op in _HOT_COMMANDS:
+                    if op == BC_TRANSACTION:
+                        _, handle, code, flags, size, tail_offset, tail_len = command
+                        router.transaction(thread, handle, code, flags, size, tail_offset, tail_len)
+                    elif op == BC_REPLY:
+                        _, flags, size, tail_offset, tail_len = command
+                        router.reply(thread, flags, size, tail_offset, tail_len)
+                    else:
+                        router.free_buffer(thread, command[1])
+                    continue
+                handler = self._thread_handlers.get(op)
                 if handler is None:
-                    self._connection_handlers[command[0]](conn, command[1:], fds)
-                elif conn.thread is None:
+                    self._connection_handlers[op](conn, command[1:], fds)
+                    thread = conn.thread  # a hello may have just made it a thread connection
+                elif thread is None:
                     raise ProtocolError("this command needs a thread connection (BC_HELLO_THREAD)")
                 else:
-                    handler(conn.thread, *command[1:])
+                    handler(thread, *command[1:])
         except (ProtocolError, KeyError) as exc:
             error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"unexpected {exc}")
             self._reject(conn, error)

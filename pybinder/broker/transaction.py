@@ -21,7 +21,6 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pybinder import protocol
@@ -66,42 +65,79 @@ _BR_REPLY = protocol.COMMAND_STRUCTS[BR_REPLY]
 #: Copies of at least this many bytes are split over two threads.
 PARALLEL_COPY_MIN = 2 * 1024 * 1024
 
+#: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
+#: assignment, which costs a third of a ``ctypes.memmove`` call.
+SMALL_COPY = 2048
+
 Sender = Callable[["Connection", bytes], None]
 
 
-@dataclass(eq=False, slots=True)
 class Transaction:
     """One call on its way (binder_transaction).
 
     Attributes:
+        node, code, flags, size: the target node, method code, TF_* flags and the
+            parcel's size in bytes.
         from_thread: the caller; None once it has gone (its reply is then dropped).
+        sender_pid, sender_uid, sender_gid: the caller's credentials (SO_PEERCRED).
         parent: the transaction ``from_thread`` was handling when it called, for
             routing nested calls back along the chain.
-        to_thread: the thread handling it, once delivered.
         origin: the sending thread, kept for ordering after ``from_thread`` is cleared.
+        tail_offset, tail_len: where the parcel's tail lies in the sender's loan area.
+        oneway: TF_ONE_WAY is set.
+        buffer: the target's copy, once made.
+        to_thread: the thread handling it, once delivered.
         in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
             call, and a two-way call sent behind oneway calls of the same thread.
     """
 
-    node: Node
-    code: int
-    flags: int
-    size: int
-    from_thread: ThreadRecord | None
-    sender_pid: int
-    sender_uid: int
-    sender_gid: int
-    parent: Transaction | None = None
-    buffer: Buffer | None = None
-    to_thread: ThreadRecord | None = None
-    origin: ThreadRecord | None = None
-    in_async_lane: bool = False
-    tail_offset: int = 0
-    tail_len: int = 0
-    oneway: bool = field(init=False)
+    __slots__ = (
+        "buffer",
+        "code",
+        "flags",
+        "from_thread",
+        "in_async_lane",
+        "node",
+        "oneway",
+        "origin",
+        "parent",
+        "sender_gid",
+        "sender_pid",
+        "sender_uid",
+        "size",
+        "tail_len",
+        "tail_offset",
+        "to_thread",
+    )
 
-    def __post_init__(self) -> None:
-        self.oneway = bool(self.flags & TF_ONE_WAY)
+    def __init__(
+        self,
+        node: Node,
+        code: int,
+        flags: int,
+        size: int,
+        from_thread: ThreadRecord,
+        parent: Transaction | None,
+        tail_offset: int,
+        tail_len: int,
+    ) -> None:
+        process = from_thread.process
+        self.node = node
+        self.code = code
+        self.flags = flags
+        self.size = size
+        self.from_thread: ThreadRecord | None = from_thread
+        self.origin: ThreadRecord | None = from_thread
+        self.sender_pid = process.pid
+        self.sender_uid = process.uid
+        self.sender_gid = process.gid
+        self.parent = parent
+        self.tail_offset = tail_offset
+        self.tail_len = tail_len
+        self.oneway = bool(flags & TF_ONE_WAY)
+        self.in_async_lane = self.oneway
+        self.buffer: Buffer | None = None
+        self.to_thread: ThreadRecord | None = None
 
     @property
     def target(self) -> ProcessRecord:
@@ -193,20 +229,7 @@ class Router:
             self.send(thread, protocol.encode(BR_DEAD_REPLY))
             return
         parent = thread.incoming[-1] if thread.incoming else None
-        creds = (process.pid, process.uid, process.gid)
-        txn = Transaction(
-            ref.node,
-            code,
-            flags,
-            size,
-            thread,
-            *creds,
-            parent=parent,
-            origin=thread,
-            tail_offset=tail_offset,
-            tail_len=tail_len,
-        )
-        txn.in_async_lane = txn.oneway
+        txn = Transaction(ref.node, code, flags, size, thread, parent, tail_offset, tail_len)
         if txn.oneway:
             self._start_oneway(txn)
         else:
@@ -222,10 +245,12 @@ class Router:
             self.fail(thread, exc, txn.size, _limit_of(exc))
             return
         thread.outgoing = txn
-        txn.to_thread = self._nested_target(thread, target)
+        if thread.incoming:
+            txn.to_thread = self._nested_target(thread, target)
         # Unlike binder, a call never overtakes the same thread's earlier oneway calls
         # to the same node: it queues in the node's oneway lane behind them.
-        txn.in_async_lane = txn.to_thread is None and txn.node.oneway_senders.get(thread, 0) > 0
+        senders = txn.node.oneway_senders
+        txn.in_async_lane = txn.to_thread is None and senders.get(thread, 0) > 0
         self._deliver(txn)
 
     def _start_oneway(self, txn: Transaction) -> None:
@@ -307,17 +332,25 @@ class Router:
         send, loan = sender.areas
         assert send is not None
         head = size - tail_len
-        start = target.region.address + buffer.offset
-        copy_bytes(start, send.address, head)
-        if tail_len:
-            assert loan is not None
-            copy_bytes(start + head, loan.address + tail_offset, tail_len)
-        dest = target.region.view[buffer.offset : buffer.offset + size]
+        region = target.region
+        start = buffer.offset
+        end = start + size
+        if size < SMALL_COPY and not tail_len:
+            region.view[start:end] = send.view[:size]
+        else:
+            copy_bytes(region.address + start, send.address, head)
+            if tail_len:
+                assert loan is not None
+                copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len)
+        dest = region.view[start:end]
         try:
             header = parse_header(dest)
             if header.n_objects:
                 self._translate(sender.process, target, dest, read_objects(dest, header))
-            self._count_copy(target, dest, header.n_buffers, header.buffer_table, size)
+            self.bytes_copied += size
+            target.bytes_copied_in += size
+            if header.n_buffers:
+                self._count_buffers(dest, header.n_buffers, header.buffer_table)
         except ProtocolError:
             target.free(buffer)
             raise
@@ -325,11 +358,7 @@ class Router:
             dest.release()
         return buffer
 
-    def _count_copy(
-        self, target: ProcessRecord, dest: memoryview, n_buffers: int, table: int, size: int
-    ) -> None:
-        self.bytes_copied += size
-        target.bytes_copied_in += size
+    def _count_buffers(self, dest: memoryview, n_buffers: int, table: int) -> None:
         for i in range(n_buffers):
             _, length = BUFFER_ENTRY.unpack_from(dest, table + BUFFER_ENTRY.size * i)
             self.buffer_bytes_copied += length
@@ -400,8 +429,13 @@ class Router:
             node.async_todo.append(txn)
         else:
             node.async_busy = node.async_busy or txn.in_async_lane
-            txn.target.todo.append(txn)
-            self.dispatch(txn.target)
+            target = node.owner
+            looper = None if target.todo else target.idle_looper()
+            if looper is not None:  # nothing queued ahead of it: skip the queue
+                self._start_on(looper, txn)
+            else:
+                target.todo.append(txn)
+                self.dispatch(target)
 
     def dispatch(self, process: ProcessRecord) -> None:
         """Give queued transactions to idle loopers, and flush notifications."""
@@ -467,7 +501,7 @@ class Router:
             return
         buffer.thread = caller
         self.send(caller, _BR_REPLY.pack(BR_REPLY, buffer.offset, size))
-        if caller.idle:
+        if caller.is_looper and caller.idle:
             caller.process.became_idle(caller)
 
     def reply_from_broker(self, thread: ThreadRecord, body: object) -> None:
@@ -502,7 +536,8 @@ class Router:
                 node.oneway_senders[txn.origin] = left
         if txn.in_async_lane:
             self._next_async(node)
-        self.maybe_release(node)
+        if not node.holders:
+            self.maybe_release(node)
 
     def _next_async(self, node: Node) -> None:
         """The call in ``node``'s oneway lane ended; queue the next one."""

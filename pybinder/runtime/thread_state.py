@@ -156,9 +156,10 @@ class ThreadState:
     def join_looper(self) -> None:
         """Serve incoming transactions on this thread until the process state closes."""
         self._send(protocol.encode(BC_ENTER_LOOPER))
+        linger = float(os.environ.get("PYB_LINGER_US", "0")) / 1e6
         while True:
             try:
-                message = self._recv()
+                message = self._recv(linger)
             except BrokerUnavailableError:
                 if self._process.closed:
                     return
