@@ -479,11 +479,11 @@ class Router:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
             return
         txn = thread.incoming.pop()
-        self._finish(txn)
         caller = txn.from_thread
         if not txn.oneway and caller is not None and caller.outgoing is txn:
             caller.outgoing = None
             self._send_reply(thread, caller, size, tail_offset, tail_len)
+        self._finish(txn)  # after the reply is on its way: the caller need not wait for it
         if thread.idle:
             thread.process.became_idle(thread)
             self.dispatch(thread.process)

@@ -213,6 +213,10 @@ class ThreadState:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
             self._send(free + _ONEWAY_DONE)
+        elif size <= DEFERRED_FREE_LIMIT:
+            # The reply first, so the caller waits for nothing else; freeing a small
+            # buffer later changes no one's room (unless the caller shares the region).
+            self._send(protocol.encode(BC_REPLY, 0, *placed) + free)
         else:
             self._send(free + protocol.encode(BC_REPLY, 0, *placed))
 
@@ -304,8 +308,8 @@ class ThreadState:
     # -- the socket --------------------------------------------------------------------------
 
     def _send(self, message: bytes) -> None:
-        if self._deferred:
-            message = self._deferred + message
+        if self._deferred:  # after the message: the broker acts on the message first
+            message += self._deferred
             self._deferred = b""
         try:
             if self._process.releases:
