@@ -1,9 +1,9 @@
-"""Instructions per call in the broker and in the server, counted by callgrind.
+"""Instructions per call in the broker, the server and the client, counted by callgrind.
 
 Times on a shared VM move by 2x between runs; instruction counts do not. This runs
-a broker and an echo server under ``valgrind --tool=callgrind`` (spinning off, so
-the count does not depend on timing), makes two batches of calls from this process,
-and reports the difference per call. Use it to compare two versions of the hot path:
+a broker, an echo server and a client under ``valgrind --tool=callgrind`` (spinning
+off, so the count does not depend on timing), makes two batches of calls, and
+reports the difference per call. Use it to compare two versions of the hot path:
 
     python benchmarks/instructions.py [--size BYTES]
 
@@ -48,8 +48,8 @@ def serve(socket_path: str) -> None:
         proc.join_thread_pool()
 
 
-def count(calls: int, size: int) -> tuple[int, int]:
-    """Instructions the broker and the server executed for ``calls`` echo calls."""
+def count(calls: int, size: int) -> tuple[int, int, int]:
+    """Instructions the broker, the server and the client executed for ``calls`` echo calls."""
     env = {**os.environ, "PYBINDER_SPIN_US": "0"}
     with tempfile.TemporaryDirectory(prefix="pybinder-ir-") as tmp:
         sock = str(Path(tmp) / "broker.sock")
@@ -72,21 +72,36 @@ def count(calls: int, size: int) -> tuple[int, int]:
                 env=env,
             )
             server.stdout.readline()  # type: ignore[union-attr]
-            with pybinder.connect(sock, spin_us=0) as proc:
-                echo = proc.get_service("echo", IEcho, timeout=TIMEOUT_S)
-                payload = bytes(size)
-                for _ in range(calls):
-                    echo.echo(payload)
+            client = subprocess.run(
+                [*VALGRIND, sys.executable, __file__, "call", sock, str(calls), str(size)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=TIMEOUT_S,
+            )
         finally:
             for child in (server, broker):
                 if child is not None:
                     child.terminate()
-        return _collected(broker), _collected(server)
+        return _collected(broker), _collected(server), _count_in(client.stderr)
+
+
+def call(socket_path: str, calls: int, size: int) -> None:
+    """The client role, run under valgrind by :func:`count`: ``calls`` echo calls."""
+    with pybinder.connect(socket_path, spin_us=0) as proc:
+        echo = proc.get_service("echo", IEcho, timeout=TIMEOUT_S)
+        payload = bytes(size)
+        for _ in range(calls):
+            echo.echo(payload)
 
 
 def _collected(child: subprocess.Popen[str] | None) -> int:
     assert child is not None
     _, err = child.communicate(timeout=TIMEOUT_S)
+    return _count_in(err)
+
+
+def _count_in(err: str) -> int:
     match = re.search(r"Collected : (\d+)", err)
     if match is None:
         raise RuntimeError(f"callgrind printed no count: {err[-500:]}")
@@ -98,14 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         serve(args[1])
         return 0
+    if args[:1] == ["call"]:
+        call(args[1], int(args[2]), int(args[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
     size = parser.parse_args(args).size
     small = count(SMALL_BATCH, size)
     large = count(LARGE_BATCH, size)
     calls = LARGE_BATCH - SMALL_BATCH
-    broker, server = ((b - a) // calls for a, b in zip(small, large, strict=True))
-    print(f"{size}-byte echo: broker {broker:,} and server {server:,} instructions per call")
+    broker, server, client = ((b - a) // calls for a, b in zip(small, large, strict=True))
+    print(
+        f"{size}-byte echo, instructions per call: broker {broker:,}, server {server:,},"
+        f" client {client:,}"
+    )
     return 0
 
 

@@ -90,10 +90,14 @@ class BinderProxy:
             RemoteError, or a builtin exception type: the remote method raised.
             BinderError: any other failure (see :mod:`pybinder.errors`).
         """
+        return self.call(code, descriptor, list(args), kwargs or {}, TF_ONE_WAY if oneway else 0)
+
+    def call(
+        self, code: int, descriptor: str, args: list[Any], kwargs: dict[str, Any], flags: int
+    ) -> Any:
+        """:meth:`transact` with every argument given, as generated proxies call it."""
         process = self.process
-        body = [descriptor, list(args), kwargs or {}]
-        encoded = parcel.encode(body, process.encode_object)
-        flags = TF_ONE_WAY if oneway else 0
+        encoded = parcel.encode([descriptor, args, kwargs], process.encode_object)
         thread = process.thread_state()
         reply = thread.transact(self.handle, code, encoded, flags)
         if reply is None:
@@ -128,7 +132,9 @@ def run_call(target: Binder, code: int, body: Any) -> list[Any]:
     """Run a decoded call on ``target``; return the reply body (never raises)."""
     try:
         descriptor, args, kwargs = body
-        result = target.dispatch(code, descriptor, list(args), dict(kwargs))
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("a call's arguments must be a list and a dict")
+        result = target.dispatch(code, descriptor, args, kwargs)
         return [REPLY_OK, result]
     except BinderError as exc:
         return binder_error_reply(exc)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from pybinder.errors import UnknownTransactionError
-from pybinder.protocol import FIRST_CALL_TRANSACTION
+from pybinder.protocol import FIRST_CALL_TRANSACTION, TF_ONE_WAY
 from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,10 +156,10 @@ def _make_proxy(interface: type[Interface]) -> type[Any]:
 
 
 def _proxy_method(descriptor: str, spec: MethodSpec) -> Callable[..., Any]:
-    code, is_oneway = spec.code, spec.oneway
+    code, flags = spec.code, TF_ONE_WAY if spec.oneway else 0
 
     @functools.wraps(spec.declaration)
     def call(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
-        return self.binder.transact(code, args, kwargs, descriptor=descriptor, oneway=is_oneway)
+        return self.binder.call(code, descriptor, list(args), kwargs, flags)
 
     return call

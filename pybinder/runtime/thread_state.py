@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
 from pybinder import parcel, protocol
@@ -110,7 +111,7 @@ class ThreadState:
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
-            self._wait_for(BR_HELLO_THREAD)
+            self._wait_for((BR_HELLO_THREAD,))
         except BaseException:
             self._sock.close()
             raise
@@ -129,7 +130,7 @@ class ThreadState:
         placed = self._write(encoded)
         self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, *placed))
         started = time.perf_counter()
-        outcome = self._wait_for(*_OUTCOMES, spin=self._spin_budget())
+        outcome = self._wait_for(_OUTCOMES, self._spin_budget())
         self._observe_wait(time.perf_counter() - started)
         op = outcome[0]
         if op == BR_REPLY:
@@ -174,7 +175,7 @@ class ThreadState:
         """Handle a return that is not the outcome a caller waits for."""
         op = command[0]
         if op == BR_TRANSACTION:
-            self._execute(*command[1:])
+            self._execute(command)
         elif op == BR_RELEASE_NODE:
             self._process.node_released(command[1], command[2])
         elif op == BR_ERROR:
@@ -182,14 +183,13 @@ class ThreadState:
         else:
             raise ProtocolError(f"unexpected {protocol.COMMAND_NAMES.get(op, hex(op))}")
 
-    def _execute(
-        self, node: int, code: int, flags: int, offset: int, size: int, pid: int, uid: int, gid: int
-    ) -> None:
-        """Run one incoming transaction in place and answer it (BC_FREE_BUFFER + BC_REPLY).
+    def _execute(self, transaction: tuple[int, ...]) -> None:
+        """Run one incoming BR_TRANSACTION in place and answer it (BC_REPLY, BC_FREE_BUFFER).
 
         The arguments' in-place views stay valid until the reply is in the send area
         (a method may return them), and are released before the buffer is freed.
         """
+        _, node, code, flags, offset, size, pid, uid, gid = transaction
         process = self._process
         oneway = flags & TF_ONE_WAY
         stack = _identity.__dict__.setdefault("stack", [])
@@ -299,7 +299,7 @@ class ThreadState:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
         finally:
             os.close(fd)
-        self._wait_for(BR_OK)
+        self._wait_for((BR_OK,))
         if old_view is not None and old_map is not None:
             old_view.release()
             old_map.close()
@@ -369,8 +369,9 @@ class ThreadState:
         capped = min(elapsed, 4 * self._process.spin_seconds)
         self._typical_wait += (capped - self._typical_wait) / 8
 
-    def _wait_for(self, *wanted: int, spin: float = 0.0) -> tuple[int, ...]:
-        """Receive until one of ``wanted`` arrives, serving everything else meanwhile.
+    def _wait_for(self, wanted: Container[int], spin: float = 0.0) -> tuple[int, ...]:
+        """Receive until a command whose code is in ``wanted`` arrives, serving
+        everything else meanwhile; polls ``spin`` seconds before sleeping.
 
         A BR_ERROR that arrives first is raised after the outcome, so the outcome is
         never left behind in the socket for the next call to misread.
@@ -378,7 +379,10 @@ class ThreadState:
         error: ProtocolError | None = None
         while True:
             outcome: tuple[int, ...] | None = None
-            for command in protocol.decode(self._recv(spin)):
+            commands = protocol.decode(self._recv(spin))
+            if len(commands) == 1 and commands[0][0] in wanted:  # the usual answer
+                return commands[0]
+            for command in commands:
                 if command[0] in wanted:
                     outcome = command
                 elif command[0] == BR_ERROR:
