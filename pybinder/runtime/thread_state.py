@@ -67,6 +67,9 @@ MIN_SEND_AREA = 64 * 1024
 DEFERRED_FREE_LIMIT = 64 * 1024
 
 _ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0, 0, 0)
+_pack_transaction = protocol.COMMAND_STRUCTS[BC_TRANSACTION].pack
+_pack_reply = protocol.COMMAND_STRUCTS[BC_REPLY].pack
+_pack_free = protocol.COMMAND_STRUCTS[BC_FREE_BUFFER].pack
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
 
 _identity = threading.local()
@@ -106,7 +109,8 @@ class ThreadState:
         self._loan_map: mmap.mmap | None = None
         self._loan_view: memoryview | None = None
         self._loan_address = 0
-        self._typical_wait = process.spin_seconds / 4  # seconds; see _spin_budget
+        self._typical_wait = process.spin_seconds / 4  # seconds; see _observe_wait
+        self._spin = max(min(MIN_SPIN, process.spin_seconds), process.spin_seconds / 2)  # s
         self._deferred = b""
         self._closed = False
         try:
@@ -127,10 +131,10 @@ class ThreadState:
         Raises:
             DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
         """
-        placed = self._write(encoded)
-        self._send(protocol.encode(BC_TRANSACTION, handle, code, flags, *placed))
+        placed = self._write(encoded)  # (size, tail_offset, tail_len)
+        self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed))
         started = time.perf_counter()
-        outcome = self._wait_for(_OUTCOMES, self._spin_budget())
+        outcome = self._wait_for(_OUTCOMES, self._spin)
         self._observe_wait(time.perf_counter() - started)
         op = outcome[0]
         if op == BR_REPLY:
@@ -146,7 +150,7 @@ class ThreadState:
 
         A small one goes with this thread's next message, saving the broker a wake-up.
         """
-        command = protocol.encode(BC_FREE_BUFFER, offset)
+        command = _pack_free(BC_FREE_BUFFER, offset)
         if size <= DEFERRED_FREE_LIMIT and not self._deferred:
             self._deferred = command
         else:
@@ -157,10 +161,9 @@ class ThreadState:
     def join_looper(self) -> None:
         """Serve incoming transactions on this thread until the process state closes."""
         self._send(protocol.encode(BC_ENTER_LOOPER))
-        linger = float(os.environ.get("PYB_LINGER_US", "0")) / 1e6
         while True:
             try:
-                message = self._recv(linger)
+                message = self._recv()
             except BrokerUnavailableError:
                 if self._process.closed:
                     return
@@ -208,7 +211,7 @@ class ThreadState:
                     _release(view)
         finally:
             stack.pop()
-        free = protocol.encode(BC_FREE_BUFFER, offset)
+        free = _pack_free(BC_FREE_BUFFER, offset)
         if oneway:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
@@ -216,9 +219,9 @@ class ThreadState:
         elif size <= DEFERRED_FREE_LIMIT:
             # The reply first, so the caller waits for nothing else; freeing a small
             # buffer later changes no one's room (unless the caller shares the region).
-            self._send(protocol.encode(BC_REPLY, 0, *placed) + free)
+            self._send(_pack_reply(BC_REPLY, 0, *placed) + free)
         else:
-            self._send(free + protocol.encode(BC_REPLY, 0, *placed))
+            self._send(free + _pack_reply(BC_REPLY, 0, *placed))
 
     def _write_reply(self, reply: list[Any]) -> tuple[int, int, int]:
         """Encode a reply body into the send area; see :meth:`_write`."""
@@ -332,7 +335,7 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        Only a thread waiting for a reply spins (see :meth:`_spin_budget`): the reply
+        Only a thread waiting for a reply spins (see :meth:`_observe_wait`): the reply
         usually comes within tens of microseconds and then costs no wake-up (on virtual
         machines a wake-up on another CPU costs tens of µs, more than a pybinder hop).
         A looper waiting for new work does not: it would only compete with the broker
@@ -350,24 +353,21 @@ class ThreadState:
                 return sock.recv(MAX_MESSAGE)
             os.sched_yield()
 
-    def _spin_budget(self) -> float:
-        """How long to poll for the next reply, in seconds: twice the recent typical
-        wait, within [:data:`MIN_SPIN`, ``spin_seconds``]; only :data:`MIN_SPIN` while
-        replies have lately taken longer than ``spin_seconds`` (a slow method).
+    def _observe_wait(self, elapsed: float) -> None:
+        """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8), and
+        set how long to poll for the next reply: twice the typical wait, within
+        [:data:`MIN_SPIN`, ``spin_seconds``]; only :data:`MIN_SPIN` while replies have
+        lately taken longer than ``spin_seconds`` (a slow method).
 
         Even then a short poll pays: it keeps this CPU awake for the broker, whose
         copy of a large parcel uses a second thread (measured: a 16 MiB call took
         about 300 µs longer when the caller slept at once).
         """
         limit = self._process.spin_seconds
+        typical = self._typical_wait + (min(elapsed, 4 * limit) - self._typical_wait) / 8
+        self._typical_wait = typical
         floor = min(MIN_SPIN, limit)
-        typical = self._typical_wait
-        return floor if typical > limit else min(limit, max(floor, 2 * typical))
-
-    def _observe_wait(self, elapsed: float) -> None:
-        """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8)."""
-        capped = min(elapsed, 4 * self._process.spin_seconds)
-        self._typical_wait += (capped - self._typical_wait) / 8
+        self._spin = floor if typical > limit else min(limit, max(floor, 2 * typical))
 
     def _wait_for(self, wanted: Container[int], spin: float = 0.0) -> tuple[int, ...]:
         """Receive until a command whose code is in ``wanted`` arrives, serving
