@@ -16,13 +16,18 @@ import struct
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: The largest message either side sends or accepts, in bytes.
 MAX_MESSAGE = 4096
 
 #: Transaction flag: no reply is wanted (binder's TF_ONE_WAY).
 TF_ONE_WAY = 0x01
+
+#: Transaction flag (pybinder's own): the parcel is written while it is sent, in parts;
+#: it is complete when a BC_PARCEL_READY names all of its bytes. The broker copies
+#: each part as it is announced, so the sender's writing and the broker's copy overlap.
+TF_PARTS = 0x100
 
 #: The service manager's handle in every process (binder's context manager).
 SERVICE_MANAGER_HANDLE = 0
@@ -44,6 +49,7 @@ BC_REPLY = 0x4306  # flags, data_len, tail_offset, tail_len: answer the current 
 BC_FREE_BUFFER = 0x4307  # offset: the receiver is done with a buffer in its region
 BC_RELEASE = 0x4308  # handle, count: drop `count` references to a handle
 BC_EXIT_LOOPER = 0x4309  # this thread no longer waits for transactions
+BC_PARCEL_READY = 0x430A  # ready: the first `ready` bytes of a TF_PARTS parcel are written
 
 # -- returns the broker sends (binder's BR_*) ---------------------------------------
 BR_HELLO_PROCESS = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
@@ -84,6 +90,7 @@ _FIELDS: dict[int, str] = {
     BC_FREE_BUFFER: "Q",
     BC_RELEASE: "QQ",
     BC_EXIT_LOOPER: "",
+    BC_PARCEL_READY: "Q",
     BR_HELLO_PROCESS: "QQQ",
     BR_HELLO_THREAD: "Q",
     BR_OK: "",

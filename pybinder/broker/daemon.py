@@ -140,6 +140,7 @@ class Broker:
             protocol.BC_REPLY: router.reply,
             protocol.BC_FREE_BUFFER: router.free_buffer,
             protocol.BC_RELEASE: router.release,
+            protocol.BC_PARCEL_READY: router.parcel_ready,
         }
 
     # -- life cycle -------------------------------------------------------------------
@@ -253,6 +254,7 @@ class Broker:
                 "transactions": router.transactions,
                 "bytes_copied": router.bytes_copied,
                 "buffer_bytes_copied": router.buffer_bytes_copied,
+                "parcels_in_parts": router.parcels_in_parts,
             },
             "processes": processes,
             "services": {name: s.pid for name, s in sorted(sm.services.items())},

@@ -95,6 +95,27 @@ class SharedArea:
         self._map.close()
 
 
+class Parts:
+    """A parcel a thread is sending in parts (TF_PARTS), as its transaction's fields.
+
+    Attributes:
+        copied: bytes of the parcel announced by BC_PARCEL_READY and handled so far.
+        target, buffer: where the parts are copied as they come, if the transaction
+            could start at once; None to run it the ordinary way once complete.
+    """
+
+    __slots__ = ("buffer", "code", "copied", "flags", "handle", "size", "target")
+
+    def __init__(self, handle: int, code: int, flags: int, size: int) -> None:
+        self.handle = handle
+        self.code = code
+        self.flags = flags
+        self.size = size
+        self.copied = 0
+        self.target: ProcessRecord | None = None
+        self.buffer: Buffer | None = None
+
+
 class ThreadRecord:
     """One thread's connection to the broker (binder_thread).
 
@@ -104,6 +125,7 @@ class ThreadRecord:
         outgoing: the two-way transaction it waits on, if any.
         is_looper: it entered the looper (BC_ENTER_LOOPER) and takes new work.
         areas: its send area and loan area (indexed by SEND_AREA, LOAN_AREA).
+        parts: the parcel it is sending in parts, if any.
     """
 
     def __init__(self, process: ProcessRecord, conn: Connection) -> None:
@@ -115,6 +137,7 @@ class ThreadRecord:
         self.is_looper = False
         self.alive = True
         self.areas: list[SharedArea | None] = [None, None]
+        self.parts: Parts | None = None
 
     @property
     def idle(self) -> bool:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pybinder import protocol
-from pybinder.broker.process import Buffer, Node, ProcessRecord, Ref, ThreadRecord
+from pybinder.broker.process import Buffer, Node, Parts, ProcessRecord, Ref, ThreadRecord
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -49,13 +49,16 @@ from pybinder.protocol import (
     BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
+    SEND_AREA,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
+    TF_PARTS,
 )
 
 if TYPE_CHECKING:
     from pybinder.broker.daemon import Connection
     from pybinder.broker.service_manager import ServiceManager
+    from pybinder.region import BrokerRegion
 
 log = logging.getLogger("pybinder.broker")
 
@@ -158,6 +161,7 @@ class Router:
         self.transactions = 0
         self.bytes_copied = 0
         self.buffer_bytes_copied = 0
+        self.parcels_in_parts = 0  # copied part by part while their senders wrote them
 
     # -- messages out -------------------------------------------------------------
 
@@ -207,9 +211,17 @@ class Router:
         size: int,
         tail_offset: int = 0,
         tail_len: int = 0,
+        prefilled: Buffer | None = None,
     ) -> None:
         """Start a transaction to ``handle`` whose parcel of ``size`` bytes is in
-        ``thread``'s send area (and its last ``tail_len`` bytes in its loan area)."""
+        ``thread``'s send area (and its last ``tail_len`` bytes in its loan area).
+
+        With TF_PARTS the parcel is still being written: see :meth:`parcel_ready`.
+        ``prefilled`` is the target's buffer that already holds the parcel's copy.
+        """
+        if flags & TF_PARTS:
+            self._begin_parts(thread, handle, code, flags & ~TF_PARTS, size, tail_len)
+            return
         process = thread.process
         process.transactions_sent += 1
         self.transactions += 1
@@ -230,6 +242,7 @@ class Router:
             return
         parent = thread.incoming[-1] if thread.incoming else None
         txn = Transaction(ref.node, code, flags, size, thread, parent, tail_offset, tail_len)
+        txn.buffer = prefilled
         if txn.oneway:
             self._start_oneway(txn)
         else:
@@ -240,7 +253,9 @@ class Router:
         assert thread is not None
         target = txn.target
         try:
-            txn.buffer = self._copy(thread, target, txn.size, False, txn.tail_offset, txn.tail_len)
+            txn.buffer = self._copy(
+                thread, target, txn.size, False, txn.tail_offset, txn.tail_len, txn.buffer
+            )
         except BinderError as exc:
             self.fail(thread, exc, txn.size, _limit_of(exc))
             return
@@ -265,18 +280,22 @@ class Router:
             )
             self.fail(thread, error, txn.size, async_limit)
             return
-        if target.space_waiters or not self._try_copy_oneway(txn):
-            # Backpressure: the sender waits (its send area still holds the parcel)
-            # until the receiver frees enough of its async space.
-            thread.waiting_oneway = txn
-            target.space_waiters.append(txn)
+        # A parcel copied in parts already holds its space: it never waits.
+        if (txn.buffer is not None or not target.space_waiters) and self._try_copy_oneway(txn):
+            return
+        # Backpressure: the sender waits (its send area still holds the parcel) until
+        # the receiver frees enough of its async space.
+        thread.waiting_oneway = txn
+        target.space_waiters.append(txn)
 
     def _try_copy_oneway(self, txn: Transaction) -> bool:
         """Copy and deliver a oneway transaction if it fits now; ack the sender."""
         thread = txn.from_thread
         assert thread is not None
         try:
-            buffer = self._copy(thread, txn.target, txn.size, True, txn.tail_offset, txn.tail_len)
+            buffer = self._copy(
+                thread, txn.target, txn.size, True, txn.tail_offset, txn.tail_len, txn.buffer
+            )
         except TransactionTooLargeError:
             return False
         except BinderError as exc:
@@ -302,6 +321,84 @@ class Router:
             waiters.popleft()
             sender.waiting_oneway = None
 
+    # -- parcels sent in parts (TF_PARTS) --------------------------------------------
+
+    def _begin_parts(
+        self, thread: ThreadRecord, handle: int, code: int, flags: int, size: int, tail_len: int
+    ) -> None:
+        """Note a transaction whose parcel arrives in parts. If its target is known and
+        has room now, allocate the buffer, so each part is copied as it is announced
+        while the sender writes the next; otherwise the transaction runs the ordinary
+        way (and reports any failure) once the parcel is complete."""
+        if thread.parts is not None or tail_len:
+            self._drop_parts(thread)
+            self.protocol_error(thread, ProtocolError("TF_PARTS with a tail or mid-parcel"))
+            return
+        parts = thread.parts = Parts(handle, code, flags, size)
+        ref = thread.process.refs.get(handle)
+        if ref is None or ref.node.dead or not thread.parcel_fits(size, 0, 0):
+            return
+        target = ref.node.owner
+        oneway = bool(flags & TF_ONE_WAY)
+        if oneway and (target.space_waiters or size > target.allocator.capacity // 2):
+            return  # backpressure or too large: decided when complete
+        parts.buffer = target.allocate(size, oneway)
+        if parts.buffer is not None:
+            parts.target = target
+
+    def parcel_ready(self, thread: ThreadRecord, ready: int) -> None:
+        """BC_PARCEL_READY: the first ``ready`` bytes of the parcel in parts are written.
+
+        Copies the new part; when the parcel is complete, starts its transaction.
+        """
+        parts = thread.parts
+        send = thread.areas[SEND_AREA]
+        if parts is None or not parts.copied <= ready <= parts.size:
+            self._drop_parts(thread)
+            self.protocol_error(thread, ProtocolError("BC_PARCEL_READY out of order"))
+            return
+        target, buffer = parts.target, parts.buffer
+        if target is not None and buffer is not None and not target.dead:
+            if send is None or ready > send.size:
+                self._drop_parts(thread)
+                self.protocol_error(thread, ProtocolError("a parcel part outside the send area"))
+                return
+            start = parts.copied
+            dest = target.region.address + buffer.offset + start
+            copy_bytes(dest, send.address + start, ready - start)
+        parts.copied = ready
+        if ready < parts.size:
+            return
+        thread.parts = None
+        if buffer is not None:
+            if self._still_prefilled(thread, parts):
+                self.parcels_in_parts += 1
+            else:
+                buffer = None
+        handle, code, flags, size = parts.handle, parts.code, parts.flags, parts.size
+        self.transaction(thread, handle, code, flags, size, prefilled=buffer)
+
+    def _still_prefilled(self, thread: ThreadRecord, parts: Parts) -> bool:
+        """Whether a complete parcel's early copy can be used: its target is alive and
+        its handle still names it. Frees the copy when it cannot."""
+        target, buffer = parts.target, parts.buffer
+        assert target is not None and buffer is not None
+        if target.dead:
+            return False
+        ref = thread.process.refs.get(parts.handle)
+        if ref is not None and ref.node.owner is target:
+            return True
+        target.free(buffer)
+        return False
+
+    def _drop_parts(self, thread: ThreadRecord) -> None:
+        """Forget the parcel ``thread`` was sending in parts, and free its early copy."""
+        parts, thread.parts = thread.parts, None
+        if parts is not None and parts.buffer is not None:
+            assert parts.target is not None
+            if not parts.target.dead:
+                parts.target.free(parts.buffer)
+
     # -- the one copy and object translation ---------------------------------------
 
     def _copy(
@@ -312,12 +409,15 @@ class Router:
         is_async: bool,
         tail_offset: int = 0,
         tail_len: int = 0,
+        filled: Buffer | None = None,
     ) -> Buffer:
-        """Copy a parcel from ``sender``'s areas into a new buffer of ``target``.
+        """Copy a parcel from ``sender``'s areas into a new buffer of ``target``, and
+        check and translate the copy.
 
         The parcel is ``size - tail_len`` bytes of the send area followed by
         ``tail_len`` bytes of the loan area at ``tail_offset``, which
-        :meth:`ThreadRecord.parcel_fits` has checked.
+        :meth:`ThreadRecord.parcel_fits` has checked. A ``filled`` buffer already
+        holds the copy (a parcel sent in parts): it is only checked.
 
         Raises:
             DeadObjectError: the target has died.
@@ -326,23 +426,15 @@ class Router:
         """
         if target.dead:
             raise DeadObjectError()
-        buffer = target.allocate(size, is_async)
-        if buffer is None:
-            raise _too_large(target, size, is_async)
-        send, loan = sender.areas
-        assert send is not None
-        head = size - tail_len
         region = target.region
+        buffer = filled
+        if buffer is None:
+            buffer = target.allocate(size, is_async)
+            if buffer is None:
+                raise _too_large(target, size, is_async)
+            self._fill(sender, region, buffer.offset, size, tail_offset, tail_len)
         start = buffer.offset
-        end = start + size
-        if size < SMALL_COPY and not tail_len:
-            region.view[start:end] = send.view[:size]
-        else:
-            copy_bytes(region.address + start, send.address, head)
-            if tail_len:
-                assert loan is not None
-                copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len)
-        dest = region.view[start:end]
+        dest = region.view[start : start + size]
         try:
             header = parse_header(dest)
             if header.n_objects:
@@ -357,6 +449,27 @@ class Router:
         finally:
             dest.release()
         return buffer
+
+    @staticmethod
+    def _fill(
+        sender: ThreadRecord,
+        region: BrokerRegion,
+        start: int,
+        size: int,
+        tail_offset: int,
+        tail_len: int,
+    ) -> None:
+        """The one copy: the parcel from ``sender``'s areas to ``region`` at ``start``."""
+        send, loan = sender.areas
+        assert send is not None
+        if size < SMALL_COPY and not tail_len:
+            region.view[start : start + size] = send.view[:size]
+            return
+        head = size - tail_len
+        copy_bytes(region.address + start, send.address, head)
+        if tail_len:
+            assert loan is not None
+            copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len)
 
     def _count_buffers(self, dest: memoryview, n_buffers: int, table: int) -> None:
         for i in range(n_buffers):
@@ -604,6 +717,7 @@ class Router:
         if not thread.alive:
             return
         thread.alive = False
+        self._drop_parts(thread)
         process = thread.process
         if thread in process.threads:
             process.threads.remove(thread)

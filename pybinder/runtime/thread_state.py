@@ -31,6 +31,7 @@ from pybinder.protocol import (
     BC_ENTER_LOOPER,
     BC_FREE_BUFFER,
     BC_HELLO_THREAD,
+    BC_PARCEL_READY,
     BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
@@ -47,6 +48,7 @@ from pybinder.protocol import (
     PROTOCOL_VERSION,
     REPLY_EXCEPTION,
     TF_ONE_WAY,
+    TF_PARTS,
 )
 from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
@@ -70,6 +72,13 @@ _ONEWAY_DONE = protocol.encode(BC_REPLY, TF_ONE_WAY, 0, 0, 0)
 _pack_transaction = protocol.COMMAND_STRUCTS[BC_TRANSACTION].pack
 _pack_reply = protocol.COMMAND_STRUCTS[BC_REPLY].pack
 _pack_free = protocol.COMMAND_STRUCTS[BC_FREE_BUFFER].pack
+_pack_ready = protocol.COMMAND_STRUCTS[BC_PARCEL_READY].pack
+
+#: Parcels of at least this many bytes (without a loan) are sent in parts (TF_PARTS).
+PARTS_MIN = 2 * 1024 * 1024
+
+#: Bytes written (and announced to the broker) at a time when sending in parts.
+PART_SIZE = 512 * 1024
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
 
 _identity = threading.local()
@@ -131,8 +140,12 @@ class ThreadState:
         Raises:
             DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
         """
-        placed = self._write(encoded)  # (size, tail_offset, tail_len)
-        self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed))
+        tail_offset, tail_len = self._find_loaned(encoded)
+        if not tail_len and encoded.size >= PARTS_MIN and encoded.buffers:
+            self._send_in_parts(handle, code, flags, encoded)
+        else:
+            placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
+            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed))
         started = time.perf_counter()
         outcome = self._wait_for(_OUTCOMES, self._spin)
         self._observe_wait(time.perf_counter() - started)
@@ -232,20 +245,49 @@ class ThreadState:
 
     # -- the send area and the loan area ------------------------------------------------
 
-    def _write(self, encoded: parcel.EncodedParcel) -> tuple[int, int, int]:
+    def _write(
+        self, encoded: parcel.EncodedParcel, tail_offset: int = -1, tail_len: int = 0
+    ) -> tuple[int, int, int]:
         """Write a parcel into the send area, growing it if needed.
 
         An out-of-band buffer that lies in this thread's loan area becomes the
-        parcel's tail, which the broker copies straight from the loan area.
-        Returns ``(size, tail_offset, tail_len)`` for BC_TRANSACTION / BC_REPLY.
+        parcel's tail, which the broker copies straight from the loan area (pass
+        ``tail_offset`` when :meth:`_find_loaned` already ran). Returns ``(size,
+        tail_offset, tail_len)`` for BC_TRANSACTION / BC_REPLY.
         """
-        tail_offset, tail_len = self._find_loaned(encoded)
-        if self._send_view is None or encoded.head_size > len(self._send_view):
-            self._send_map, self._send_view = self._new_area(
-                protocol.SEND_AREA, encoded.head_size, self._send_view, self._send_map
-            )
-        encoded.write_into(self._send_view)
+        if tail_offset < 0:
+            tail_offset, tail_len = self._find_loaned(encoded)
+        encoded.write_into(self._send_area(encoded.head_size))
         return encoded.size, tail_offset, tail_len
+
+    def _send_in_parts(
+        self, handle: int, code: int, flags: int, encoded: parcel.EncodedParcel
+    ) -> None:
+        """Send a large parcel while writing it (TF_PARTS): its largest buffer goes
+        last, written :data:`PART_SIZE` bytes at a time, and each part is announced
+        (BC_PARCEL_READY) as soon as it is written, so the broker copies one part
+        while this thread writes the next instead of after the whole parcel."""
+        buffers = encoded.buffers
+        largest = max(range(len(buffers)), key=lambda i: buffers[i].nbytes)
+        encoded.set_tail(largest)
+        size, tail = encoded.size, buffers[largest]
+        area = self._send_area(size)
+        written = head = encoded.write_into(area)
+        command = _pack_transaction(BC_TRANSACTION, handle, code, flags | TF_PARTS, size, 0, 0)
+        while written < size:
+            end = min(size, written + PART_SIZE)
+            area[written:end] = tail[written - head : end - head]
+            written = end
+            self._send(command + _pack_ready(BC_PARCEL_READY, written))
+            command = b""
+
+    def _send_area(self, size: int) -> memoryview:
+        """The send area, grown to at least ``size`` bytes."""
+        if self._send_view is None or size > len(self._send_view):
+            self._send_map, self._send_view = self._new_area(
+                protocol.SEND_AREA, size, self._send_view, self._send_map
+            )
+        return self._send_view
 
     def _find_loaned(self, encoded: parcel.EncodedParcel) -> tuple[int, int]:
         """Make the first buffer that lies in the loan area the tail; return where."""
