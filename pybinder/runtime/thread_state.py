@@ -74,6 +74,10 @@ _pack_reply = protocol.COMMAND_STRUCTS[BC_REPLY].pack
 _pack_free = protocol.COMMAND_STRUCTS[BC_FREE_BUFFER].pack
 _pack_ready = protocol.COMMAND_STRUCTS[BC_PARCEL_READY].pack
 
+#: A ``sched_yield`` that takes longer than this (s) ran another busy thread on this
+#: CPU: likely the broker, which this thread's polling would then only delay.
+SHARED_CPU_YIELD = 10e-6
+
 #: Parcels of at least this many bytes (without a loan) are sent in parts (TF_PARTS).
 PARTS_MIN = 2 * 1024 * 1024
 
@@ -174,9 +178,11 @@ class ThreadState:
     def join_looper(self) -> None:
         """Serve incoming transactions on this thread until the process state closes."""
         self._send(protocol.encode(BC_ENTER_LOOPER))
+        linger = 0.0
         while True:
             try:
-                message = self._recv()
+                message = self._recv(linger)
+                linger = self._process.spin_seconds / 2  # see _recv_spinning
             except BrokerUnavailableError:
                 if self._process.closed:
                     return
@@ -377,12 +383,13 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        Only a thread waiting for a reply spins (see :meth:`_observe_wait`): the reply
-        usually comes within tens of microseconds and then costs no wake-up (on virtual
-        machines a wake-up on another CPU costs tens of µs, more than a pybinder hop).
-        A looper waiting for new work does not: it would only compete with the broker
-        for the CPU. Yielding keeps the spin from starving the broker or the peer when
-        they share this CPU.
+        A thread waiting for a reply polls (see :meth:`_observe_wait`), and so does a
+        looper that has just answered a transaction, for the next one: on virtual
+        machines waking a thread on another CPU costs tens of µs, more than a
+        pybinder hop, and the next message usually comes sooner. Yielding keeps the
+        poll from starving a thread that shares this CPU; once a yield has run
+        another busy thread here (most likely the broker, which must run for the
+        message to come), polling only delays it, so the thread blocks at once.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
@@ -391,9 +398,13 @@ class ThreadState:
                 return sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass
-            if time.perf_counter() >= deadline:
-                return sock.recv(MAX_MESSAGE)
+            before = time.perf_counter()
+            if before >= deadline:
+                break
             os.sched_yield()
+            if time.perf_counter() - before > SHARED_CPU_YIELD:
+                break
+        return sock.recv(MAX_MESSAGE)
 
     def _observe_wait(self, elapsed: float) -> None:
         """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8), and
