@@ -178,11 +178,9 @@ class ThreadState:
     def join_looper(self) -> None:
         """Serve incoming transactions on this thread until the process state closes."""
         self._send(protocol.encode(BC_ENTER_LOOPER))
-        linger = 0.0
         while True:
             try:
-                message = self._recv(linger)
-                linger = self._process.spin_seconds / 2  # see _recv_spinning
+                message = self._recv()
             except BrokerUnavailableError:
                 if self._process.closed:
                     return
@@ -383,13 +381,14 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        A thread waiting for a reply polls (see :meth:`_observe_wait`), and so does a
-        looper that has just answered a transaction, for the next one: on virtual
-        machines waking a thread on another CPU costs tens of µs, more than a
-        pybinder hop, and the next message usually comes sooner. Yielding keeps the
-        poll from starving a thread that shares this CPU; once a yield has run
-        another busy thread here (most likely the broker, which must run for the
-        message to come), polling only delays it, so the thread blocks at once.
+        Only a thread waiting for a reply polls (see :meth:`_observe_wait`): the reply
+        usually comes within tens of microseconds and then costs no wake-up (on
+        virtual machines a wake-up on another CPU costs tens of µs, more than a
+        pybinder hop). Loopers waiting for new work do not: several of them polling
+        starve the broker. Yielding keeps the poll from starving a thread that shares
+        this CPU; once a yield has run another busy thread here (most likely the
+        broker, which must run for the reply to come), polling only delays it, so
+        the thread blocks at once.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
