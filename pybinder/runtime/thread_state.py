@@ -407,9 +407,10 @@ class ThreadState:
 
     def _observe_wait(self, elapsed: float) -> None:
         """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8), and
-        set how long to poll for the next reply: twice the typical wait, within
-        [:data:`MIN_SPIN`, ``spin_seconds``]; only :data:`MIN_SPIN` while replies have
-        lately taken longer than ``spin_seconds`` (a slow method).
+        set how long to poll for the next reply: twice the typical wait, at least
+        :data:`MIN_SPIN`; only :data:`MIN_SPIN` when that would exceed ``spin_seconds``
+        (a slow method, or a broker busy with many callers, where long polls by many
+        callers only take CPU from the broker).
 
         Even then a short poll pays: it keeps this CPU awake for the broker, whose
         copy of a large parcel uses a second thread (measured: a 16 MiB call took
@@ -419,7 +420,7 @@ class ThreadState:
         typical = self._typical_wait + (min(elapsed, 4 * limit) - self._typical_wait) / 8
         self._typical_wait = typical
         floor = min(MIN_SPIN, limit)
-        self._spin = floor if typical > limit else min(limit, max(floor, 2 * typical))
+        self._spin = floor if 2 * typical > limit else max(floor, 2 * typical)
 
     def _wait_for(self, wanted: Container[int], spin: float = 0.0) -> tuple[int, ...]:
         """Receive until a command whose code is in ``wanted`` arrives, serving
