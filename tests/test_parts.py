@@ -94,6 +94,15 @@ def test_a_parcel_in_parts_that_does_not_fit_fails_and_the_next_call_works(clust
     assert service.add(2, 3) == 5
 
 
+def test_a_oneway_call_larger_than_the_async_space_fails_in_parts_too(cluster, proc):
+    cluster.server(region_size=4 << 20)  # async space: half of it
+    service = proc.get_service("test", ITest, timeout=10)
+    with pytest.raises(pybinder.TransactionTooLargeError) as info:
+        service.record(bytes(3 << 20))
+    assert info.value.limit == 2 << 20
+    assert service.add(2, 3) == 5
+
+
 def test_a_parcel_in_parts_to_a_dead_server_is_a_dead_object(server, service):
     server.stop()
     with pytest.raises(pybinder.DeadObjectError):
