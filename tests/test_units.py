@@ -64,6 +64,19 @@ def test_allocator_never_overlaps_and_accounts_every_byte():
         assert alloc.in_use == sum(live.values())
 
 
+def test_small_blocks_kept_for_reuse_are_merged_back_when_room_runs_out():
+    alloc = BufferAllocator(64 * 1024)  # keeps up to 1 KiB of small blocks aside
+    small = alloc.allocate(200)
+    big = alloc.allocate(4096)
+    alloc.free(small)
+    assert alloc.in_use == 4096
+    assert alloc.allocate(250) == small  # the same rounded size takes the kept block
+    alloc.free(small)
+    alloc.free(big)
+    assert alloc.allocate(64 * 1024) == 0  # needs every byte: the kept block is merged
+    assert alloc.in_use == 64 * 1024
+
+
 def test_freeing_an_unknown_offset_is_a_key_error():
     alloc = BufferAllocator(65536)
     with pytest.raises(KeyError):
