@@ -189,8 +189,9 @@ class ProcessRecord:
     Attributes:
         key: the secret a thread presents to join this process (BC_HELLO_THREAD).
         pid, uid, gid: the kernel-checked credentials of its connection (SO_PEERCRED).
-        async_free: bytes of the region oneway transactions may still use (half of it,
-            as binder's async space).
+        async_space: bytes of the region oneway transactions may use: half of it, as
+            binder's async space.
+        async_free: the part of ``async_space`` not in use now.
     """
 
     def __init__(self, key: int, pid: int, uid: int, gid: int, region_size: int) -> None:
@@ -200,7 +201,8 @@ class ProcessRecord:
         self.gid = gid
         self.region = BrokerRegion(region_size)
         self.allocator = BufferAllocator(region_size)
-        self.async_free = self.allocator.capacity // 2
+        self.async_space = self.allocator.capacity // 2
+        self.async_free = self.async_space
         self.buffers: dict[int, Buffer] = {}
         self.threads: list[ThreadRecord] = []
         self.idle_stack: list[ThreadRecord] = []

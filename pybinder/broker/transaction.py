@@ -272,7 +272,7 @@ class Router:
         thread = txn.from_thread
         assert thread is not None
         target = txn.target
-        async_limit = target.allocator.capacity // 2
+        async_limit = target.async_space
         if txn.size > async_limit:
             error = TransactionTooLargeError(
                 f"oneway parcel of {txn.size} bytes exceeds the target's async space"
@@ -340,7 +340,7 @@ class Router:
             return
         target = ref.node.owner
         oneway = bool(flags & TF_ONE_WAY)
-        if oneway and (target.space_waiters or size > target.allocator.capacity // 2):
+        if oneway and (target.space_waiters or size > target.async_space):
             return  # backpressure or too large: decided when complete
         parts.buffer = target.allocate(size, oneway)
         if parts.buffer is not None:
