@@ -41,6 +41,7 @@ from benchmarks.common import (
     set_affinity,
 )
 from benchmarks.procs import READY_TIMEOUT_S, ClientPool, Placement, ServerHandle, placement
+from benchmarks.rounds import merge_rounds, split_budget
 from benchmarks.transports import RunEnv, Transport
 from benchmarks.workloads import (
     FULL,
@@ -86,6 +87,7 @@ class RunConfig:
     pin: str
     pin_note: str
     budget: Budget
+    rounds: int = 1
 
 
 # --------------------------------------------------------------------------
@@ -113,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pin", choices=("same", "cross", "none"), default=DEFAULT_PIN, help=PIN_RATIONALE
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds: every transport is measured this many times in turn,"
+        " each with 1/N of the time, and the median of the rounds is reported, so a"
+        " slow spell of a shared machine falls on every transport alike (default: 3"
+        " with --full, else 1)",
     )
     p.add_argument(
         "--out",
@@ -164,6 +174,9 @@ def make_config(args: argparse.Namespace) -> RunConfig:
     )
     stream = parse_size_list(args.stream_sizes) if args.stream_sizes else STREAM_SIZES
     place = placement(args.pin)
+    rounds = args.rounds if args.rounds is not None else (3 if mode == "full" else 1)
+    if not 1 <= rounds <= 10:
+        raise ValueError("--rounds must be between 1 and 10")
     return RunConfig(
         mode=mode,
         echo_sizes=echo,
@@ -173,7 +186,8 @@ def make_config(args: argparse.Namespace) -> RunConfig:
         transports=_transport_names(args.transports),
         pin=place.mode,
         pin_note=place.note,
-        budget=budget,
+        budget=split_budget(budget, rounds),
+        rounds=rounds,
     )
 
 
@@ -445,7 +459,7 @@ def run_all(cfg: RunConfig, show_progress: bool, argv: list[str]) -> dict[str, A
     transports = [registry.get(name) for name in cfg.transports]
     reasons = {t.name: t.unavailable() for t in transports}
     runnable = [t for t in transports if not reasons[t.name]]
-    progress = make_progress(2 + steps_for(cfg) * len(runnable), show_progress)
+    progress = make_progress(2 + steps_for(cfg) * len(runnable) * cfg.rounds, show_progress)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -466,11 +480,15 @@ def run_all(cfg: RunConfig, show_progress: bool, argv: list[str]) -> dict[str, A
         progress.set_description_str("memcpy")
         first = measure_memcpy(cfg.budget)
         progress.update(1)
+        rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in runnable}
+        for _ in range(cfg.rounds):  # interleaved: a slow spell hits every transport
+            for t in runnable:
+                rounds[t.name].append(TransportRun(t, cfg, place, progress).run())
         for t in transports:
             if reasons[t.name]:
                 result["transports"].append(skipped_row(t, reasons[t.name] or ""))
             else:
-                result["transports"].append(TransportRun(t, cfg, place, progress).run())
+                result["transports"].append(merge_rounds(rounds[t.name]))
         progress.set_description_str("memcpy")
         result["memcpy"] = memcpy_summary(first, measure_memcpy(cfg.budget), cfg)
         progress.update(1)

@@ -288,7 +288,14 @@ def _machine_line(result: dict[str, Any]) -> str:
         f"Machine: {m['cpus_online']} CPUs ({m['cpu_model']}{mem_txt}), {kernel}, "
         f"{m['python']}; load at start {load}; pin={result['config']['pin']} "
         f"({result['config']['pin_note']}); mode={result['config']['mode']}"
+        f"{_rounds_note(result['config'].get('rounds', 1))}"
     )
+
+
+def _rounds_note(rounds: int) -> str:
+    if rounds == 1:
+        return ""
+    return f"; {rounds} interleaved rounds, each figure the median of the rounds"
 
 
 def markdown(result: dict[str, Any]) -> str:
