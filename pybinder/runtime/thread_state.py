@@ -243,24 +243,21 @@ class ThreadState:
     def _write_reply(self, reply: list[Any]) -> tuple[int, int, int]:
         """Encode a reply body into the send area; see :meth:`_write`."""
         try:
-            return self._write(encode_reply(reply, self._process))
+            encoded = encode_reply(reply, self._process)
+            return self._write(encoded, *self._find_loaned(encoded))
         except TransactionTooLargeError as exc:
-            return self._write(parcel.encode(binder_error_reply(exc)))
+            return self._write(parcel.encode(binder_error_reply(exc)), 0, 0)
 
     # -- the send area and the loan area ------------------------------------------------
 
     def _write(
-        self, encoded: parcel.EncodedParcel, tail_offset: int = -1, tail_len: int = 0
+        self, encoded: parcel.EncodedParcel, tail_offset: int, tail_len: int
     ) -> tuple[int, int, int]:
-        """Write a parcel into the send area, growing it if needed.
-
-        An out-of-band buffer that lies in this thread's loan area becomes the
-        parcel's tail, which the broker copies straight from the loan area (pass
-        ``tail_offset`` when :meth:`_find_loaned` already ran). Returns ``(size,
-        tail_offset, tail_len)`` for BC_TRANSACTION / BC_REPLY.
+        """Write a parcel into the send area, growing it if needed, all but the tail
+        that :meth:`_find_loaned` found in the loan area (the broker copies that
+        straight from there). Returns ``(size, tail_offset, tail_len)`` for
+        BC_TRANSACTION / BC_REPLY.
         """
-        if tail_offset < 0:
-            tail_offset, tail_len = self._find_loaned(encoded)
         encoded.write_into(self._send_area(encoded.head_size))
         return encoded.size, tail_offset, tail_len
 
