@@ -63,9 +63,10 @@ class ProcessState:
             1 MiB - 8 KiB); the broker caps it at its ``--max-region-size``.
         spin_us: the longest a thread waiting for a reply polls, yielding the CPU,
             before it sleeps, in µs (None: ``$PYBINDER_SPIN_US`` or 200; 0 never spins).
-            Within it a thread polls for twice its recent typical wait, and not at all
-            while replies take longer than ``spin_us``. A reply that comes while it
-            polls costs no wake-up.
+            Within it a thread polls for twice its recent typical wait, and only
+            50 µs while that would exceed ``spin_us``; it stops at once when its CPU
+            turns out to be shared with another busy thread. A reply that comes
+            while it polls costs no wake-up.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
