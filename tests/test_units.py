@@ -1,5 +1,6 @@
-"""The pure pieces on their own: allocator, parcel format, frames, and the layering
-rule (the broker never imports the runtime, the runtime never imports the broker)."""
+"""The pure pieces on their own: allocator, parcel format, frames, the looper's poll
+backoff, and the layering rule (the broker never imports the runtime, the runtime
+never imports the broker)."""
 
 from __future__ import annotations
 
@@ -175,3 +176,57 @@ def test_batches_of_commands_never_exceed_one_message():
     assert [c for m in messages for c in protocol.decode(m)] == [
         (protocol.BC_RELEASE, h, 1) for h in range(1000)
     ]
+
+
+class _FakeProcess:
+    spin_seconds = 200e-6
+    looper_polling = False
+
+
+def _looper_with_polls(found: list[bool]) -> tuple[object, list[float]]:
+    """A ThreadState whose socket is replaced by a script: each poll finds its
+    message (True) or ends without it (False), and every poll after the script finds
+    it. Returns it and the spins it was asked to poll for (0.0: it blocked at once)."""
+    from pybinder.runtime.thread_state import ThreadState
+
+    state = object.__new__(ThreadState)
+    state._process = _FakeProcess()
+    state._looper_backoff = state._looper_skip = 0
+    spins: list[float] = []
+    outcomes = itertools.chain(found, itertools.repeat(True))
+
+    def recv(spin: float = 0.0) -> bytes:
+        spins.append(spin)
+        if spin:
+            assert state._process.looper_polling  # the process knows a looper polls
+            state._poll_found = next(outcomes)
+        return b"message"
+
+    state._recv = recv
+    return state, spins
+
+
+def test_a_looper_polls_after_a_call_and_backs_off_when_polls_miss():
+    from pybinder.runtime.thread_state import MAX_LOOPER_SKIP
+
+    misses = 8
+    state, spins = _looper_with_polls([True] + [False] * misses + [True, True])
+    assert state._next_work(answered_call=False) == b"message"  # after a oneway: blocks
+    assert spins == [0.0]
+    spins.clear()
+    for _ in range(300):
+        state._next_work(answered_call=True)
+    polled = [i for i, spin in enumerate(spins) if spin]
+    assert all(spins[i] == 100e-6 for i in polled)  # half of spin_us
+    # a hit, then misses: each miss doubles the calls let pass (1, 2, 4, ... up to 64)
+    gaps = [b - a - 1 for a, b in itertools.pairwise(polled)]
+    assert gaps[: misses + 1] == [0, 1, 2, 4, 8, 16, 32, MAX_LOOPER_SKIP, MAX_LOOPER_SKIP]
+    assert gaps[misses + 1] == 0  # a poll that found its message resets the backoff
+    assert not state._process.looper_polling
+
+
+def test_only_one_looper_of_a_process_polls():
+    state, spins = _looper_with_polls([])
+    state._process.looper_polling = True  # another looper is polling
+    state._next_work(answered_call=True)
+    assert spins == [0.0]

@@ -66,7 +66,9 @@ class ProcessState:
             Within it a thread polls for twice its recent typical wait, and only
             50 µs while that would exceed ``spin_us``; it stops at once when its CPU
             turns out to be shared with another busy thread. A reply that comes
-            while it polls costs no wake-up.
+            while it polls costs no wake-up. A looper that has just answered a
+            two-way call polls for up to half of it for the next call (one looper
+            per process at a time).
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
@@ -101,6 +103,9 @@ class ProcessState:
         self._next_node = itertools.count(1)
         self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
         self.releases: collections.deque[bytes] = collections.deque()
+        #: Whether one of this process's loopers is polling for its next transaction;
+        #: at most one does (see ThreadState.join_looper).
+        self.looper_polling = False
         self._sock = self.open_connection()
         try:
             self.key, self.region_size, self.max_parcel, fd = self._hello(region_size or 0)

@@ -78,6 +78,9 @@ _pack_ready = protocol.COMMAND_STRUCTS[BC_PARCEL_READY].pack
 #: CPU: likely the broker, which this thread's polling would then only delay.
 SHARED_CPU_YIELD = 10e-6
 
+#: The most calls a looper lets pass without polling after its polls kept missing.
+MAX_LOOPER_SKIP = 64
+
 #: Parcels of at least this many bytes (without a loan) are sent in parts (TF_PARTS).
 PARTS_MIN = 2 * 1024 * 1024
 
@@ -125,6 +128,9 @@ class ThreadState:
         self._typical_wait = process.spin_seconds / 4  # seconds; see _observe_wait
         self._spin = max(min(MIN_SPIN, process.spin_seconds), process.spin_seconds / 2)  # s
         self._deferred = b""
+        self._poll_found = False  # whether the last _recv_spinning found its message polling
+        self._looper_backoff = 0  # calls a looper skips polling after its next missed poll
+        self._looper_skip = 0  # calls left before a looper polls again
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -176,20 +182,62 @@ class ThreadState:
     # -- serving ------------------------------------------------------------------------
 
     def join_looper(self) -> None:
-        """Serve incoming transactions on this thread until the process state closes."""
+        """Serve incoming transactions on this thread until the process state closes.
+
+        A looper that has just answered a two-way call polls for the next one for up
+        to half of ``spin_us`` if no other looper of this process is polling (see
+        :meth:`_recv_spinning`): callers tend to call again at once, and with the
+        broker on another CPU the next call then costs no cross-CPU wake-up. One
+        poller per process at most, because several starve the broker when they share
+        its CPU; none after oneway calls, which come in streams that keep the broker
+        busy copying.
+        """
         self._send(protocol.encode(BC_ENTER_LOOPER))
+        process = self._process
+        answered_call = False
         while True:
             try:
-                message = self._recv()
+                message = self._next_work(answered_call)
             except BrokerUnavailableError:
-                if self._process.closed:
+                if process.closed:
                     return
                 raise
+            answered_call = False
             try:
                 for command in protocol.decode(message):
                     self._handle(command)
+                    if command[0] == BR_TRANSACTION and not command[3] & TF_ONE_WAY:
+                        answered_call = True
             except BinderError as exc:
                 log.error("looper %s: %s", threading.current_thread().name, exc)
+
+    def _next_work(self, answered_call: bool) -> bytes:
+        """A looper's next message: polled for after a two-way call (see
+        :meth:`join_looper`), unless another looper polls or recent polls missed.
+
+        A poll that ends without a message (the broker was busy on this CPU, or no
+        call came in time) makes this looper skip polling for the next 1, 2, 4, ...
+        up to :data:`MAX_LOOPER_SKIP` calls, so a saturated broker is not also
+        made to share its CPU with a poller; a poll that finds its message resets
+        that.
+        """
+        process = self._process
+        if not answered_call or process.looper_polling or not process.spin_seconds:
+            return self._recv()
+        if self._looper_skip:
+            self._looper_skip -= 1
+            return self._recv()
+        process.looper_polling = True
+        try:
+            message = self._recv(process.spin_seconds / 2)
+        finally:
+            process.looper_polling = False
+        if self._poll_found:
+            self._looper_backoff = 0
+        else:
+            self._looper_backoff = min(MAX_LOOPER_SKIP, 2 * self._looper_backoff or 1)
+            self._looper_skip = self._looper_backoff
+        return message
 
     def _handle(self, command: tuple[int, ...]) -> None:
         """Handle a return that is not the outcome a caller waits for."""
@@ -391,7 +439,9 @@ class ThreadState:
         deadline = time.perf_counter() + spin
         while True:
             try:
-                return sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
+                message = sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
+                self._poll_found = True
+                return message
             except BlockingIOError:
                 pass
             before = time.perf_counter()
@@ -400,6 +450,7 @@ class ThreadState:
             os.sched_yield()
             if time.perf_counter() - before > SHARED_CPU_YIELD:
                 break
+        self._poll_found = False
         return sock.recv(MAX_MESSAGE)
 
     def _observe_wait(self, elapsed: float) -> None:
