@@ -177,7 +177,11 @@ class EncodedParcel:
         self.objects = objects
         self.buffers = buffers
         self.tail: int | None = None
-        self._lay_out()
+        if buffers:
+            self._lay_out()
+        else:  # the usual small call: no alignment to work out
+            self.offsets = []
+            self.size = self.head_size = _HEADER_SIZE + _ENTRY_SIZE * len(objects) + len(body)
 
     def set_tail(self, index: int) -> None:
         """Make buffer ``index`` the tail (see the class docstring)."""
@@ -210,6 +214,9 @@ class EncodedParcel:
         HEADER.pack_into(
             dest, 0, MAGIC, VERSION, 0, len(objects), len(buffers), len(body), 0, self.size
         )
+        if not objects and not buffers:  # the usual small call: header and body
+            dest[_HEADER_SIZE : self.size] = body
+            return self.size
         pos = HEADER.size
         for kind, value in objects:
             OBJECT_ENTRY.pack_into(dest, pos, kind, 0, value)
@@ -362,6 +369,7 @@ def _flat_bytes(view: memoryview) -> memoryview:
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _SCALARS = frozenset({int, float, str, bool, type(None)})
+_CONTAINERS = frozenset({list, tuple, dict})
 
 
 def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
@@ -387,6 +395,8 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
         for key, item in pairs:
             item_kind = type(item)
             if item_kind in _SCALARS or (item_kind is bytes and len(item) < OUT_OF_BAND_THRESHOLD):
+                continue
+            if not item and item_kind in _CONTAINERS:  # e.g. a call's empty kwargs
                 continue
             new = _lift_buffers(item, out_of_band)
             if new is not item:
