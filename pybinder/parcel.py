@@ -396,7 +396,7 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
             item_kind = type(item)
             if item_kind in _SCALARS or (item_kind is bytes and len(item) < OUT_OF_BAND_THRESHOLD):
                 continue
-            if not item and item_kind in _CONTAINERS:  # e.g. a call's empty kwargs
+            if item_kind in _CONTAINERS and not item:  # e.g. a call's empty kwargs
                 continue
             new = _lift_buffers(item, out_of_band)
             if new is not item:

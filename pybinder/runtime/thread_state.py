@@ -426,14 +426,15 @@ class ThreadState:
     def _recv_spinning(self, spin: float) -> bytes:
         """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
 
-        Only a thread waiting for a reply polls (see :meth:`_observe_wait`): the reply
-        usually comes within tens of microseconds and then costs no wake-up (on
-        virtual machines a wake-up on another CPU costs tens of µs, more than a
-        pybinder hop). Loopers waiting for new work do not: several of them polling
-        starve the broker. Yielding keeps the poll from starving a thread that shares
+        A thread waiting for a reply polls (see :meth:`_observe_wait`), and so does
+        one looper per process after a two-way call (see :meth:`join_looper`): the
+        message usually comes within tens of microseconds and then costs no wake-up
+        (on virtual machines a wake-up on another CPU costs tens of µs, more than a
+        pybinder hop). Yielding keeps the poll from starving a thread that shares
         this CPU; once a yield has run another busy thread here (most likely the
-        broker, which must run for the reply to come), polling only delays it, so
-        the thread blocks at once.
+        broker, which must run for the message to come), polling only delays it, so
+        the thread blocks at once. Sets ``_poll_found``: whether polling found the
+        message.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
