@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +358,7 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
         )
     _decorate(ax_lat, "Echo round trip (median)", "latency (µs)", result["config"]["echo_sizes"])
     _decorate(ax_bw, "One-way streaming", "throughput (MB/s)", result["config"]["stream_sizes"])
-    fig.suptitle(_machine_line(result), fontsize=7)
+    fig.suptitle(textwrap.fill(_machine_line(result), width=170), fontsize=7)
     labels: dict[str, Any] = {}
     for ax in (ax_lat, ax_bw):
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -374,6 +375,7 @@ def _decorate(ax: Any, title: str, ylabel: str, sizes: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [fmt_size(s) for s in sizes])
+    ax.tick_params(axis="x", labelrotation=30)  # 16 MiB and 64 MiB sit close together
     ax.minorticks_off()
     ax.set_title(title)
     ax.set_xlabel("payload size (bytes)")
