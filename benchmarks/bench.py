@@ -30,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make "benchmarks" importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import registry, report
+from benchmarks import registry, report, targets
 from benchmarks.common import (
     KiB,
     MiB,
@@ -495,6 +495,7 @@ def run_all(cfg: RunConfig, show_progress: bool, argv: list[str]) -> dict[str, A
     finally:
         progress.close()
     report.add_ratios(result["transports"], result["memcpy"])
+    result["targets"] = targets.evaluate(result)
     return result
 
 

@@ -279,6 +279,31 @@ def _aggregate_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _targets_section(result: dict[str, Any]) -> list[str]:
+    rows = result.get("targets") or []
+    if not rows:
+        return []
+    met_text = {True: "yes", False: "**no**", None: "not measured"}
+    signs = {"<=": "≤", ">=": "≥", "<": "<", "==": "="}
+    table = [
+        [
+            f"{row['target']} {signs[row['comparison']]} {row['limit']:g}",
+            *("-" if v is None else f"{v:.3g}" for v in (row["value"], row["loan_value"])),
+            met_text[row["met"]],
+        ]
+        for row in rows
+    ]
+    lines = [
+        "### pybinder's targets (ratios within this run)",
+        "",
+        "Stated for `--full` with the default `--pin cross`; met or not by the plain"
+        " pybinder row, the loaned row beside it.",
+        "",
+    ]
+    lines += _table(["target", "pybinder", "loaned", "met"], table)
+    return lines
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m = result["machine"]
     mem = m.get("memory_bytes")
@@ -307,7 +332,14 @@ def markdown(result: dict[str, Any]) -> str:
         _machine_line(result),
         "",
     ]
-    for section in (_status_section, _echo_section, _stream_section, _aggregate_section):
+    sections = (
+        _status_section,
+        _echo_section,
+        _stream_section,
+        _aggregate_section,
+        _targets_section,
+    )
+    for section in sections:
         lines += section(result)
         lines.append("")
     notes = result.get("notes", [])

@@ -67,6 +67,11 @@ def test_quick_bench_reports_every_transport(tmp_path):
     assert report["config"]["rounds"] == 2
     assert [len(e["rounds_median_us"]) for e in rows["pybinder"]["echo"]] == [2, 2]
     assert "| pybinder |" in run.stdout
+    checked = {row["target"]: row for row in report["targets"]}
+    assert checked["16 MiB round trip vs socketpair"]["met"] is None  # 16 MiB not run
+    assert checked["64 B round trip vs pipe"]["value"] > 0
+    assert checked["copies per payload byte (broker)"]["met"] is True
+    assert "pybinder's targets" in run.stdout
 
 
 def test_rounds_merge_into_medians_and_sums():
@@ -103,3 +108,44 @@ def test_rounds_merge_into_medians_and_sums():
     assert merged["copies"]["per_byte"] == 1.0 and merged["copies"]["payload_bytes_sent"] == 300
     failed = row(1.0, 1.0, 1, 1) | {"status": "error", "reason": "boom"}
     assert merge_rounds([row(50.0, 1.0, 1, 100), failed])["status"] == "error"
+
+
+def test_targets_are_checked_against_the_runs_own_ratios():
+    from benchmarks.targets import evaluate
+
+    def transport(name: str, echo_us: dict[int, float], stream: dict[int, float]) -> dict:
+        return {
+            "name": name,
+            "status": "ok",
+            "echo": [{"size": size, "median_us": us} for size, us in echo_us.items()],
+            "stream": [
+                {"size": size, "MBps": rate, "fraction_of_memcpy": rate / 20_000}
+                for size, rate in stream.items()
+            ],
+            "copies": {"per_byte": 1.0},
+        }
+
+    mib16 = 16 << 20
+    result = {
+        "transports": [
+            transport("pipe", {64: 50.0, mib16: 20_000.0}, {}),
+            transport("socketpair", {64: 45.0, mib16: 2_600.0}, {}),
+            transport("pyro5", {64: 70.0, mib16: 22_000.0}, {mib16: 1_600.0}),
+            transport("pybinder", {64: 40.0, mib16: 1_690.0}, {mib16: 12_000.0}),
+            transport("pybinder-loan", {64: 41.0, mib16: 780.0}, {mib16: 24_000.0}),
+        ]
+    }
+    checked = {row["target"]: row for row in evaluate(result)}
+    sixteen = checked["16 MiB round trip vs socketpair"]
+    assert sixteen["met"] is False and round(sixteen["value"], 2) == 0.65
+    assert round(sixteen["loan_value"], 2) == 0.30
+    assert checked["16 MiB round trip vs pipe"]["met"] is True
+    assert checked["64 B round trip vs Pyro5"]["met"] is True  # 40 / 70 = 0.57
+    assert checked["16 MiB streaming, share of memcpy"]["met"] is True  # 0.6
+    assert checked["1 MiB round trip vs socketpair"]["met"] is None  # not measured
+    rivals = checked["worst time vs Pyro5 and pyzmq, any size"]
+    assert rivals["met"] is True and rivals["value"] < 1  # zmq absent: Pyro5 only
+    result["transports"][2]["echo"][0]["median_us"] = 35.0  # Pyro5 now faster at 64 B
+    checked = {row["target"]: row for row in evaluate(result)}
+    assert checked["64 B round trip vs Pyro5"]["met"] is False
+    assert checked["worst time vs Pyro5 and pyzmq, any size"]["met"] is False
