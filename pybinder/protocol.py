@@ -24,9 +24,9 @@ MAX_MESSAGE = 4096
 #: Transaction flag: no reply is wanted (binder's TF_ONE_WAY).
 TF_ONE_WAY = 0x01
 
-#: Transaction flag (pybinder's own): the parcel is written while it is sent, in parts;
-#: it is complete when a BC_PARCEL_READY names all of its bytes. The broker copies
-#: each part as it is announced, so the sender's writing and the broker's copy overlap.
+#: Transaction and reply flag (pybinder's own): the parcel is written while it is sent,
+#: in parts; it is complete when a BC_PARCEL_READY names all of its bytes. The broker
+#: copies each part as it is announced, so the sender's writing and its copy overlap.
 TF_PARTS = 0x100
 
 #: The service manager's handle in every process (binder's context manager).

@@ -185,6 +185,21 @@ def idle_client(socket_path: str) -> None:
         time.sleep(60)
 
 
+def caller(socket_path: str, name: str, region_size: int) -> None:
+    """Call blob(64) on the service ``name`` once, print what happened, then wait to
+    be killed (still connected, so its region can be inspected)."""
+    with pybinder.connect(socket_path, region_size=region_size) as proc:
+        service = proc.get_service(name, ITest, timeout=10)
+        print(f"ready {os.getpid()}", flush=True)
+        try:
+            service.blob(64)
+        except Exception as exc:
+            print(type(exc).__name__, flush=True)
+        else:
+            print("answered", flush=True)
+        time.sleep(60)
+
+
 def main(argv: list[str]) -> None:
     role, socket_path, *rest = argv
     if role == "server":
@@ -195,6 +210,8 @@ def main(argv: list[str]) -> None:
         hammer(socket_path, int(rest[0]))
     elif role == "idle-client":
         idle_client(socket_path)
+    elif role == "caller":
+        caller(socket_path, rest[0], int(rest[1]))
     else:
         raise SystemExit(f"unknown role {role}")
 

@@ -1,6 +1,6 @@
-"""Large parcels sent in parts (TF_PARTS): the broker copies each part while the
-sender writes the next, the payload still arrives whole and is copied once, and a
-sender or target that goes away mid-parcel leaves nothing behind."""
+"""Large parcels sent in parts (TF_PARTS), calls and replies alike: the broker copies
+each part while the sender writes the next, the payload still arrives whole and is
+copied once, and a sender or target that goes away mid-parcel leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -9,22 +9,27 @@ import os
 import socket
 import time
 
+import peers
 import pytest
-from peers import ITest
+from peers import ITest, pattern
 from test_protocol import answer, raw_connection
 
 import pybinder
 from pybinder import parcel, protocol
 from pybinder.protocol import (
+    BC_ENTER_LOOPER,
     BC_HELLO_THREAD,
     BC_PARCEL_READY,
+    BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_HELLO_THREAD,
     BR_OK,
+    BR_TRANSACTION,
     PROTOCOL_VERSION,
+    REPLY_OK,
     TF_PARTS,
 )
 from pybinder.region import create_send_area
@@ -171,3 +176,71 @@ def test_parts_out_of_order_get_br_error_and_nothing_leaks(
     assert BR_ERROR in [command[0] for command in answer(sock)]
     assert eventually(lambda: region_in_use(proc, server.pid) == baseline)
     assert service.add(1, 1) == 2
+
+
+def test_a_large_reply_goes_in_parts_arrives_whole_and_is_copied_once(service, proc):
+    size = PARTS_MIN + 3 * PART_SIZE + 123
+    before = broker_counters(proc)
+    assert service.blob(size) == pattern(size)
+    after = broker_counters(proc)
+    assert after["parcels_in_parts"] - before["parcels_in_parts"] == 1
+    assert after["buffer_bytes_copied"] - before["buffer_bytes_copied"] == size
+
+
+def test_an_argument_echoed_back_goes_in_parts_both_ways(cluster, server):
+    data = os.urandom(PARTS_MIN + PART_SIZE)
+    with pybinder.connect(cluster.socket, region_size=8 << 20) as caller:
+        service = caller.get_service("test", ITest, timeout=10)
+        before = broker_counters(caller)
+        assert service.echo(data) == data  # the reply is a view of the request's buffer
+        after = broker_counters(caller)
+    assert after["parcels_in_parts"] - before["parcels_in_parts"] == 2
+    assert after["buffer_bytes_copied"] - before["buffer_bytes_copied"] == 2 * len(data)
+
+
+def test_a_reply_in_parts_too_large_for_the_caller_fails_and_the_next_call_works(cluster, server):
+    with pybinder.connect(cluster.socket, region_size=2 << 20) as caller:
+        service = caller.get_service("test", ITest, timeout=10)
+        with pytest.raises(pybinder.TransactionTooLargeError):
+            service.blob(PARTS_MIN + PART_SIZE)
+        assert service.add(2, 3) == 5
+
+
+@pytest.fixture
+def raw_thread(cluster, proc):
+    """A hand-driven thread connection of ``proc``."""
+    sock = raw_connection(cluster.socket)
+    sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, proc.key))
+    assert answer(sock)[0][0] == BR_HELLO_THREAD
+    yield sock
+    sock.close()
+
+
+def test_a_server_thread_that_leaves_mid_reply_gives_a_dead_reply(cluster, proc, raw_thread):
+    """``proc`` serves "raw" on a hand-driven looper, which starts a reply in parts
+    and leaves halfway: the caller gets a dead object, and its region is as before."""
+    body = parcel.encode([REPLY_OK, bytes(PARTS_MIN)])
+    fd, mapping = create_send_area(body.size)
+    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, body.size, 0)], [fd])
+    os.close(fd)
+    assert answer(raw_thread)[0][0] == BR_OK
+    body.write_into(mapping)
+    proc.add_service("raw", peers.TestService())
+    raw_thread.send(protocol.encode(BC_ENTER_LOOPER))
+    caller = cluster.peer("caller", "raw", 8 << 20)
+    caller_pid = int(caller.wait_ready().split()[1])
+    assert any(command[0] == BR_TRANSACTION for command in answer(raw_thread))
+    baseline = region_in_use(proc, caller_pid)
+    start = protocol.encode(BC_REPLY, TF_PARTS, body.size, 0, 0)
+    raw_thread.send(start + protocol.encode(BC_PARCEL_READY, body.size // 2))
+    assert eventually(lambda: region_in_use(proc, caller_pid) > baseline)  # the early copy
+    raw_thread.close()
+    assert caller.readline() == "DeadObjectError"
+    assert region_in_use(proc, caller_pid) == baseline
+    mapping.close()
+
+
+def test_a_reply_in_parts_without_a_call_to_answer_gets_br_error(raw_thread, service):
+    raw_thread.send(protocol.encode(BC_REPLY, TF_PARTS, PARTS_MIN, 0, 0))
+    assert answer(raw_thread)[0][0] == BR_ERROR
+    assert service.add(1, 1) == 2  # the broker goes on

@@ -96,21 +96,26 @@ class SharedArea:
 
 
 class Parts:
-    """A parcel a thread is sending in parts (TF_PARTS), as its transaction's fields.
+    """A parcel a thread is sending in parts (TF_PARTS), as its transaction's fields
+    (a reply's: ``is_reply``, with no handle or code).
 
     Attributes:
         copied: bytes of the parcel announced by BC_PARCEL_READY and handled so far.
         target, buffer: where the parts are copied as they come, if the transaction
-            could start at once; None to run it the ordinary way once complete.
+            (or the reply) could go at once; None to send it the ordinary way once
+            complete.
     """
 
-    __slots__ = ("buffer", "code", "copied", "flags", "handle", "size", "target")
+    __slots__ = ("buffer", "code", "copied", "flags", "handle", "is_reply", "size", "target")
 
-    def __init__(self, handle: int, code: int, flags: int, size: int) -> None:
+    def __init__(
+        self, handle: int, code: int, flags: int, size: int, is_reply: bool = False
+    ) -> None:
         self.handle = handle
         self.code = code
         self.flags = flags
         self.size = size
+        self.is_reply = is_reply
         self.copied = 0
         self.target: ProcessRecord | None = None
         self.buffer: Buffer | None = None

@@ -346,10 +346,39 @@ class Router:
         if parts.buffer is not None:
             parts.target = target
 
+    def _begin_reply_parts(
+        self, thread: ThreadRecord, flags: int, size: int, tail_len: int
+    ) -> None:
+        """Note a reply whose parcel arrives in parts (as :meth:`_begin_parts` does a
+        call's): if its caller still waits and has room, allocate the buffer now."""
+        if thread.parts is not None or tail_len or not thread.incoming:
+            self._drop_parts(thread)
+            self.protocol_error(thread, ProtocolError("a reply in parts out of place"))
+            return
+        parts = thread.parts = Parts(0, 0, flags, size, is_reply=True)
+        caller = self._waiting_caller(thread)
+        if caller is None or not thread.parcel_fits(size, 0, 0):
+            return
+        parts.buffer = caller.process.allocate(size, is_async=False)
+        if parts.buffer is not None:
+            parts.target = caller.process
+
+    @staticmethod
+    def _waiting_caller(thread: ThreadRecord) -> ThreadRecord | None:
+        """The thread waiting for the reply to ``thread``'s innermost transaction."""
+        txn = thread.incoming[-1] if thread.incoming else None
+        if txn is None or txn.oneway:
+            return None
+        caller = txn.from_thread
+        if caller is None or not caller.alive or caller.outgoing is not txn:
+            return None
+        return caller
+
     def parcel_ready(self, thread: ThreadRecord, ready: int) -> None:
         """BC_PARCEL_READY: the first ``ready`` bytes of the parcel in parts are written.
 
-        Copies the new part; when the parcel is complete, starts its transaction.
+        Copies the new part; when the parcel is complete, starts its transaction (or
+        sends the reply).
         """
         parts = thread.parts
         send = thread.areas[SEND_AREA]
@@ -376,18 +405,27 @@ class Router:
             else:
                 buffer = None
         handle, code, flags, size = parts.handle, parts.code, parts.flags, parts.size
-        self.transaction(thread, handle, code, flags, size, prefilled=buffer)
+        if parts.is_reply:
+            self.reply(thread, flags, size, prefilled=buffer)
+        else:
+            self.transaction(thread, handle, code, flags, size, prefilled=buffer)
 
     def _still_prefilled(self, thread: ThreadRecord, parts: Parts) -> bool:
         """Whether a complete parcel's early copy can be used: its target is alive and
-        its handle still names it. Frees the copy when it cannot."""
+        its handle still names it (a reply's caller still waits). Frees the copy when
+        it cannot."""
         target, buffer = parts.target, parts.buffer
         assert target is not None and buffer is not None
         if target.dead:
             return False
-        ref = thread.process.refs.get(parts.handle)
-        if ref is not None and ref.node.owner is target:
-            return True
+        if parts.is_reply:
+            caller = self._waiting_caller(thread)
+            if caller is not None and caller.process is target:
+                return True
+        else:
+            ref = thread.process.refs.get(parts.handle)
+            if ref is not None and ref.node.owner is target:
+                return True
         target.free(buffer)
         return False
 
@@ -585,9 +623,22 @@ class Router:
     # -- BC_REPLY ------------------------------------------------------------------
 
     def reply(
-        self, thread: ThreadRecord, flags: int, size: int, tail_offset: int = 0, tail_len: int = 0
+        self,
+        thread: ThreadRecord,
+        flags: int,
+        size: int,
+        tail_offset: int = 0,
+        tail_len: int = 0,
+        prefilled: Buffer | None = None,
     ) -> None:
-        """Finish the transaction ``thread`` handles; copy the reply to its caller."""
+        """Finish the transaction ``thread`` handles; copy the reply to its caller.
+
+        With TF_PARTS the reply is still being written: see :meth:`parcel_ready`.
+        ``prefilled`` is the caller's buffer that already holds the reply's copy.
+        """
+        if flags & TF_PARTS:
+            self._begin_reply_parts(thread, flags & ~TF_PARTS, size, tail_len)
+            return
         if not thread.incoming:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
             return
@@ -595,20 +646,32 @@ class Router:
         caller = txn.from_thread
         if not txn.oneway and caller is not None and caller.outgoing is txn:
             caller.outgoing = None
-            self._send_reply(thread, caller, size, tail_offset, tail_len)
+            self._send_reply(thread, caller, size, tail_offset, tail_len, prefilled)
+        elif prefilled is not None and caller is not None and not caller.process.dead:
+            caller.process.free(prefilled)  # nobody waits for it any more
         self._finish(txn)  # after the reply is on its way: the caller need not wait for it
         if thread.idle:
             thread.process.became_idle(thread)
             self.dispatch(thread.process)
 
     def _send_reply(
-        self, thread: ThreadRecord, caller: ThreadRecord, size: int, tail_offset: int, tail_len: int
+        self,
+        thread: ThreadRecord,
+        caller: ThreadRecord,
+        size: int,
+        tail_offset: int,
+        tail_len: int,
+        prefilled: Buffer | None,
     ) -> None:
         if not thread.parcel_fits(size, tail_offset, tail_len):
+            if prefilled is not None:
+                caller.process.free(prefilled)
             self.fail(caller, ProtocolError(), size, 0)
             return
         try:
-            buffer = self._copy(thread, caller.process, size, False, tail_offset, tail_len)
+            buffer = self._copy(
+                thread, caller.process, size, False, tail_offset, tail_len, prefilled
+            )
         except BinderError as exc:
             self.fail(caller, exc, size, _limit_of(exc))
             return

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 from pybinder import parcel, protocol
@@ -151,8 +151,13 @@ class ThreadState:
             DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
         """
         tail_offset, tail_len = self._find_loaned(encoded)
-        if not tail_len and encoded.size >= PARTS_MIN and encoded.buffers:
-            self._send_in_parts(handle, code, flags, encoded)
+        if _goes_in_parts(encoded, tail_len):
+            self._send_in_parts(
+                encoded,
+                lambda size: _pack_transaction(
+                    BC_TRANSACTION, handle, code, flags | TF_PARTS, size, 0, 0
+                ),
+            )
         else:
             placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
             self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed))
@@ -271,7 +276,7 @@ class ThreadState:
                     reply = run_call(target, code, body)
                 except BinderError as exc:
                     reply = binder_error_reply(exc)
-                placed = (0, 0, 0) if oneway else self._write_reply(reply)
+                placed = (0, 0, 0) if oneway else self._write_reply(reply)  # None: in parts
                 for view in views:
                     _release(view)
         finally:
@@ -281,6 +286,8 @@ class ThreadState:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
             self._send(free + _ONEWAY_DONE)
+        elif placed is None:  # the reply has gone in parts
+            self._send(free)
         elif size <= DEFERRED_FREE_LIMIT:
             # The reply first, so the caller waits for nothing else; freeing a small
             # buffer later changes no one's room (unless the caller shares the region).
@@ -288,12 +295,18 @@ class ThreadState:
         else:
             self._send(free + _pack_reply(BC_REPLY, 0, *placed))
 
-    def _write_reply(self, reply: list[Any]) -> tuple[int, int, int]:
-        """Encode a reply body into the send area; see :meth:`_write`."""
+    def _write_reply(self, reply: list[Any]) -> tuple[int, int, int] | None:
+        """Encode a reply body into the send area; see :meth:`_write`. A large reply
+        without a loan is sent in parts at once (BC_REPLY with TF_PARTS, as a large
+        call is), and None is returned."""
         try:
             encoded = encode_reply(reply, self._process)
-            return self._write(encoded, *self._find_loaned(encoded))
-        except TransactionTooLargeError as exc:
+            tail_offset, tail_len = self._find_loaned(encoded)
+            if _goes_in_parts(encoded, tail_len):
+                self._send_in_parts(encoded, _reply_in_parts)
+                return None
+            return self._write(encoded, tail_offset, tail_len)
+        except TransactionTooLargeError as exc:  # raised before any part was sent
             return self._write(parcel.encode(binder_error_reply(exc)), 0, 0)
 
     # -- the send area and the loan area ------------------------------------------------
@@ -310,19 +323,26 @@ class ThreadState:
         return encoded.size, tail_offset, tail_len
 
     def _send_in_parts(
-        self, handle: int, code: int, flags: int, encoded: parcel.EncodedParcel
+        self, encoded: parcel.EncodedParcel, opening: Callable[[int], bytes]
     ) -> None:
         """Send a large parcel while writing it (TF_PARTS): its largest buffer goes
         last, written :data:`PART_SIZE` bytes at a time, and each part is announced
         (BC_PARCEL_READY) as soon as it is written, so the broker copies one part
-        while this thread writes the next instead of after the whole parcel."""
+        while this thread writes the next instead of after the whole parcel.
+        ``opening(size)`` is the command that opens the parcel (BC_TRANSACTION or
+        BC_REPLY with TF_PARTS); it goes with the first part.
+
+        Raises:
+            TransactionTooLargeError: before anything is sent, if the parcel exceeds
+                the broker's limit.
+        """
         buffers = encoded.buffers
         largest = max(range(len(buffers)), key=lambda i: buffers[i].nbytes)
         encoded.set_tail(largest)
         size, tail = encoded.size, buffers[largest]
         area = self._send_area(size)
         written = head = encoded.write_into(area)
-        command = _pack_transaction(BC_TRANSACTION, handle, code, flags | TF_PARTS, size, 0, 0)
+        command = opening(size)
         while written < size:
             end = min(size, written + PART_SIZE)
             area[written:end] = tail[written - head : end - head]
@@ -513,6 +533,15 @@ class ThreadState:
                 _release(view)
                 with contextlib.suppress(BufferError):  # a loaned view is still out there
                     mapping.close()
+
+
+def _goes_in_parts(encoded: parcel.EncodedParcel, tail_len: int) -> bool:
+    """Whether a parcel is sent in parts: large, with buffers, and nothing loaned."""
+    return not tail_len and encoded.size >= PARTS_MIN and bool(encoded.buffers)
+
+
+def _reply_in_parts(size: int) -> bytes:
+    return _pack_reply(BC_REPLY, TF_PARTS, size, 0, 0)
 
 
 def _failure(code: int, size: int, limit: int) -> BinderError:
