@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from raw import answer, raw_connection
 
 import pybinder
+from pybinder import protocol
+from pybinder.protocol import BC_HELLO_THREAD, BR_HELLO_THREAD, PROTOCOL_VERSION
 from pybinder.region import SHM_PREFIX
 
 PEERS = Path(__file__).with_name("peers.py")
@@ -151,3 +155,13 @@ def proc(cluster: Cluster) -> Iterator[pybinder.ProcessState]:
     """This test process, connected to the cluster's broker as a client."""
     with pybinder.connect(cluster.socket, region_size=32 << 20) as state:
         yield state
+
+
+@pytest.fixture
+def raw_thread(cluster: Cluster, proc: pybinder.ProcessState) -> Iterator[socket.socket]:
+    """A hand-driven thread connection of ``proc`` (same pid, so the broker admits it)."""
+    sock = raw_connection(cluster.socket)
+    sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, proc.key))
+    assert answer(sock)[0][0] == BR_HELLO_THREAD
+    yield sock
+    sock.close()

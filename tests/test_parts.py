@@ -12,23 +12,20 @@ import time
 import peers
 import pytest
 from peers import ITest, pattern
-from test_protocol import answer, raw_connection
+from raw import answer
 
 import pybinder
 from pybinder import parcel, protocol
 from pybinder.protocol import (
     BC_ENTER_LOOPER,
-    BC_HELLO_THREAD,
     BC_PARCEL_READY,
     BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
-    BR_HELLO_THREAD,
     BR_OK,
     BR_TRANSACTION,
-    PROTOCOL_VERSION,
     REPLY_OK,
     TF_PARTS,
 )
@@ -115,11 +112,9 @@ def test_a_parcel_in_parts_to_a_dead_server_is_a_dead_object(server, service):
 
 
 @pytest.fixture
-def raw_sender(cluster, proc, service):
+def raw_sender(raw_thread, service):
     """A hand-driven thread of ``proc`` with a send area holding a parcel in parts."""
-    sock = raw_connection(cluster.socket)
-    sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, proc.key))
-    assert answer(sock)[0][0] == BR_HELLO_THREAD
+    sock = raw_thread
     body = [ITest.DESCRIPTOR, [bytes(PARTS_MIN)], {}]
     encoded = parcel.encode(body)
     fd, mapping = create_send_area(encoded.size)
@@ -132,7 +127,6 @@ def raw_sender(cluster, proc, service):
         BC_TRANSACTION, service.binder.handle, digest, TF_PARTS, encoded.size, 0, 0
     )
     yield sock, start, encoded.size
-    sock.close()
     mapping.close()
 
 
@@ -204,16 +198,6 @@ def test_a_reply_in_parts_too_large_for_the_caller_fails_and_the_next_call_works
         with pytest.raises(pybinder.TransactionTooLargeError):
             service.blob(PARTS_MIN + PART_SIZE)
         assert service.add(2, 3) == 5
-
-
-@pytest.fixture
-def raw_thread(cluster, proc):
-    """A hand-driven thread connection of ``proc``."""
-    sock = raw_connection(cluster.socket)
-    sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, proc.key))
-    assert answer(sock)[0][0] == BR_HELLO_THREAD
-    yield sock
-    sock.close()
 
 
 def test_a_server_thread_that_leaves_mid_reply_gives_a_dead_reply(cluster, proc, raw_thread):

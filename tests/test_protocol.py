@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 from peers import ITest
+from raw import answer, raw_connection
 
 import pybinder
 from pybinder import protocol
@@ -21,33 +22,9 @@ from pybinder.protocol import (
     BC_TRANSACTION,
     BR_ERROR,
     BR_FAILED_REPLY,
-    BR_HELLO_THREAD,
     BR_OK,
-    MAX_MESSAGE,
-    PROTOCOL_VERSION,
 )
 from pybinder.region import create_send_area
-
-
-def raw_connection(socket_path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(10)
-    sock.connect(socket_path)
-    return sock
-
-
-def answer(sock: socket.socket) -> list[tuple[int, ...]]:
-    return list(protocol.decode(sock.recv(MAX_MESSAGE)))
-
-
-@pytest.fixture
-def raw_thread(cluster, proc):
-    """A hand-driven thread connection of ``proc`` (same pid, so the broker admits it)."""
-    sock = raw_connection(cluster.socket)
-    sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, proc.key))
-    assert answer(sock)[0][0] == BR_HELLO_THREAD
-    yield sock
-    sock.close()
 
 
 @pytest.mark.parametrize(
