@@ -16,7 +16,7 @@ import struct
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: The largest message either side sends or accepts, in bytes.
 MAX_MESSAGE = 4096
@@ -28,6 +28,25 @@ TF_ONE_WAY = 0x01
 #: in parts; it is complete when a BC_PARCEL_READY names all of its bytes. The broker
 #: copies each part as it is announced, so the sender's writing and its copy overlap.
 TF_PARTS = 0x100
+
+#: With TF_PARTS (pybinder's own): the sender writes the parcel through a ring, byte p
+#: at offset ``p % PARTS_RING`` of its send area, and overwrites ring bytes only once
+#: the broker has copied them. The broker reports how many bytes of the parcel it has
+#: copied in the send area's last 8 bytes (:data:`PROGRESS`), or :data:`WRITE_WHOLE`
+#: when it will not copy as the parts come (its target has no room yet, or this CPU
+#: does not order the report after the copy); the sender then writes the parcel whole.
+#: A ring that fits the caches keeps the sender's copy out of main memory, so the
+#: sender's copy and the broker's no longer share its bandwidth.
+TF_RING = 0x200
+
+#: The ring's size in bytes (see :data:`TF_RING`).
+PARTS_RING = 512 * 1024
+
+#: The progress word at the end of a send area: a little-endian i64 (see TF_RING).
+PROGRESS = struct.Struct("<q")
+
+#: The progress word's value that tells the sender to write its parcel whole.
+WRITE_WHOLE = -1
 
 #: The service manager's handle in every process (binder's context manager).
 SERVICE_MANAGER_HANDLE = 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
+import threading
 import time
 
 import peers
@@ -24,10 +26,17 @@ from pybinder.protocol import (
     BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
+    BR_FAILED_REPLY,
     BR_OK,
     BR_TRANSACTION,
+    BR_TRANSACTION_COMPLETE,
+    PARTS_RING,
+    PROGRESS,
     REPLY_OK,
+    TF_ONE_WAY,
     TF_PARTS,
+    TF_RING,
+    WRITE_WHOLE,
 )
 from pybinder.region import create_send_area
 from pybinder.runtime.thread_state import PART_SIZE, PARTS_MIN
@@ -228,3 +237,149 @@ def test_a_reply_in_parts_without_a_call_to_answer_gets_br_error(raw_thread, ser
     raw_thread.send(protocol.encode(BC_REPLY, TF_PARTS, PARTS_MIN, 0, 0))
     assert answer(raw_thread)[0][0] == BR_ERROR
     assert service.add(1, 1) == 2  # the broker goes on
+
+
+# -- parts written through a ring (TF_RING) ------------------------------------------
+
+
+class RingSender:
+    """A hand-driven thread of ``proc`` sending ``ITest.record(data)`` (oneway) in parts
+    through a ring: ``whole`` is the parcel, ``area`` its send area (``extra`` bytes
+    past the parcel, where the broker's progress word goes)."""
+
+    def __init__(self, sock: socket.socket, handle: int, data: bytes, extra: int) -> None:
+        encoded = parcel.encode([ITest.DESCRIPTOR, [data], {}])
+        self.whole = bytearray(encoded.size)
+        encoded.write_into(self.whole)
+        self.sock = sock
+        fd, self.area = create_send_area(encoded.size + extra)
+        socket.send_fds(sock, [protocol.encode(BC_SET_SEND_AREA, len(self.area), 0)], [fd])
+        os.close(fd)
+        assert answer(sock)[0][0] == BR_OK
+        record = next(m for m in ITest.METHODS if m.name == "record").code
+        flags = TF_ONE_WAY | TF_PARTS | TF_RING
+        self.opening = protocol.encode(BC_TRANSACTION, handle, record, flags, encoded.size, 0, 0)
+
+    def progress(self) -> int:
+        return PROGRESS.unpack_from(self.area, len(self.area) - PROGRESS.size)[0]
+
+    def send_part(self, start: int, end: int, at: int) -> None:
+        """Write bytes ``start:end`` of the parcel at ``at`` in the area and announce them."""
+        self.area[at : at + end - start] = self.whole[start:end]
+        opening, self.opening = self.opening, b""
+        self.sock.send(opening + protocol.encode(BC_PARCEL_READY, end))
+
+
+def test_a_sender_reuses_its_ring_as_the_broker_reports_and_every_byte_arrives(
+    service, proc, raw_thread
+):
+    data = os.urandom(3 * PARTS_RING + 12345)
+    sender = RingSender(raw_thread, service.binder.handle, data, PROGRESS.size)
+    size, part = len(sender.whole), PARTS_RING // 4
+    before = broker_counters(proc)
+    for start in range(0, size, part):
+        end = min(size, start + part)
+        sender.send_part(start, end, start % PARTS_RING)  # over bytes the broker copied
+        assert eventually(lambda end=end: sender.progress() == end)
+    assert answer(raw_thread)[0][0] == BR_TRANSACTION_COMPLETE
+    after = broker_counters(proc)
+    assert after["parcels_in_parts"] - before["parcels_in_parts"] == 1
+    assert after["buffer_bytes_copied"] - before["buffer_bytes_copied"] == len(data)
+    assert service.recorded()[-1] == data
+    sender.area.close()
+
+
+def test_a_ring_without_room_for_the_progress_word_is_refused_and_the_parcel_goes_whole(
+    service, raw_thread
+):
+    data = os.urandom(3 * PARTS_RING)
+    sender = RingSender(raw_thread, service.binder.handle, data, 0)
+    size = len(sender.whole)
+    sender.send_part(0, PARTS_RING // 2, 0)
+    assert eventually(lambda: sender.progress() == WRITE_WHOLE)
+    sender.send_part(PARTS_RING // 2, size, PARTS_RING // 2)  # whole: no wrap
+    assert answer(raw_thread)[0][0] == BR_TRANSACTION_COMPLETE
+    assert service.recorded()[-1] == data
+    sender.area.close()
+
+
+def test_a_ring_to_a_target_without_room_is_refused_and_the_call_fails_when_complete(
+    cluster, proc, raw_thread
+):
+    cluster.server(region_size=2 << 20)  # async space: 1 MiB
+    service = proc.get_service("test", ITest, timeout=10)
+    sender = RingSender(raw_thread, service.binder.handle, bytes(3 * PARTS_RING), PROGRESS.size)
+    sender.send_part(0, PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == WRITE_WHOLE)
+    sender.send_part(PARTS_RING, len(sender.whole), PARTS_RING)
+    assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
+    assert service.add(2, 3) == 5
+    sender.area.close()
+
+
+def test_a_call_refused_a_ring_for_want_of_async_space_goes_whole_and_arrives(cluster, proc):
+    cluster.server(region_size=8 << 20, threads=1)  # async space 4 MiB; two loopers
+    service = proc.get_service("test", ITest, timeout=10)
+    first, second = os.urandom(3 << 20), os.urandom(3 << 20)
+    sleepers = [threading.Thread(target=service.sleep, args=(1.0,)) for _ in range(2)]
+    for sleeper in sleepers:
+        sleeper.start()
+    time.sleep(0.3)  # every looper is busy now
+    before = broker_counters(proc)
+    service.record(first)  # its buffer waits in the async space for a looper
+    service.record(second)  # only 1 MiB of async space is left: no early copy
+    for sleeper in sleepers:
+        sleeper.join(10)
+    after = broker_counters(proc)
+    assert after["parcels_in_parts"] - before["parcels_in_parts"] == 1  # the first only
+    assert service.recorded()[-2:] == [first, second]
+
+
+def test_a_ring_sender_that_errs_is_told_to_stop_waiting(service, raw_thread):
+    sender = RingSender(raw_thread, service.binder.handle, bytes(3 * PARTS_RING), PROGRESS.size)
+    sender.send_part(0, PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == PARTS_RING)
+    raw_thread.send(protocol.encode(BC_PARCEL_READY, PARTS_RING // 2))  # backwards
+    assert answer(raw_thread)[0][0] == BR_ERROR
+    assert sender.progress() == WRITE_WHOLE
+    assert service.add(1, 1) == 2
+    sender.area.close()
+
+
+def test_the_broker_reports_progress_past_a_target_that_died(server, service, raw_thread):
+    sender = RingSender(raw_thread, service.binder.handle, bytes(3 * PARTS_RING), PROGRESS.size)
+    sender.send_part(0, PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == PARTS_RING)
+    server.stop()
+    size = len(sender.whole)
+    sender.send_part(PARTS_RING, 2 * PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == 2 * PARTS_RING)  # a sender never hangs
+    sender.send_part(2 * PARTS_RING, size, 0)
+    assert answer(raw_thread)[0][0] == BR_DEAD_REPLY
+    sender.area.close()
+
+
+def test_a_call_waiting_for_ring_space_when_the_broker_dies_raises(cluster, service):
+    broker = cluster.peers[0]
+    warmed, stopped = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        service.digest(bytes(PARTS_MIN))  # this thread's send area is large enough now
+        warmed.set()
+        stopped.wait(10)
+        try:
+            service.digest(bytes(PARTS_MIN))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert warmed.wait(10)
+    os.kill(broker.pid, signal.SIGSTOP)  # it copies nothing: the caller's ring fills
+    stopped.set()
+    time.sleep(0.3)
+    assert caller.is_alive()
+    broker.stop(signal.SIGKILL)
+    caller.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], pybinder.BrokerUnavailableError)

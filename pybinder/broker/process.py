@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pybinder.broker.allocator import BufferAllocator
 from pybinder.parcel import HEADER
+from pybinder.protocol import PROGRESS
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
@@ -89,6 +90,10 @@ class SharedArea:
         self.view = memoryview(mapping)
         self.address = buffer_address(mapping)
 
+    def report_progress(self, value: int) -> None:
+        """Write the progress word in the area's last bytes (see protocol.TF_RING)."""
+        PROGRESS.pack_into(self.view, self.size - PROGRESS.size, value)
+
     def close(self) -> None:
         self.address = 0
         self.view.release()
@@ -104,9 +109,20 @@ class Parts:
         target, buffer: where the parts are copied as they come, if the transaction
             (or the reply) could go at once; None to send it the ordinary way once
             complete.
+        ring: the sender writes through a ring (TF_RING) and is told of each copy.
     """
 
-    __slots__ = ("buffer", "code", "copied", "flags", "handle", "is_reply", "size", "target")
+    __slots__ = (
+        "buffer",
+        "code",
+        "copied",
+        "flags",
+        "handle",
+        "is_reply",
+        "ring",
+        "size",
+        "target",
+    )
 
     def __init__(
         self, handle: int, code: int, flags: int, size: int, is_reply: bool = False
@@ -117,6 +133,7 @@ class Parts:
         self.size = size
         self.is_reply = is_reply
         self.copied = 0
+        self.ring = False
         self.target: ProcessRecord | None = None
         self.buffer: Buffer | None = None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -49,10 +50,14 @@ from pybinder.protocol import (
     BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
+    PARTS_RING,
+    PROGRESS,
     SEND_AREA,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
     TF_PARTS,
+    TF_RING,
+    WRITE_WHOLE,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +76,14 @@ PARALLEL_COPY_MIN = 2 * 1024 * 1024
 #: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
 #: assignment, which costs a third of a ``ctypes.memmove`` call.
 SMALL_COPY = 2048
+
+#: Whether this CPU makes a store visible only after the loads before it (x86-64 is
+#: TSO), so that a sender that reads the broker's progress word (TF_RING) never
+#: overwrites bytes the broker's copy has yet to read. Other CPUs would need a fence
+#: Python cannot issue; their senders are told to write parcels whole.
+RING_IS_ORDERED = platform.machine().lower() in ("x86_64", "amd64")
+
+_PARTS_FLAGS = TF_PARTS | TF_RING
 
 Sender = Callable[["Connection", bytes], None]
 
@@ -220,7 +233,8 @@ class Router:
         ``prefilled`` is the target's buffer that already holds the parcel's copy.
         """
         if flags & TF_PARTS:
-            self._begin_parts(thread, handle, code, flags & ~TF_PARTS, size, tail_len)
+            self._begin_parts(thread, handle, code, flags & ~_PARTS_FLAGS, size, tail_len)
+            self._choose_layout(thread, bool(flags & TF_RING))
             return
         process = thread.process
         process.transactions_sent += 1
@@ -364,6 +378,22 @@ class Router:
             parts.target = caller.process
 
     @staticmethod
+    def _choose_layout(thread: ThreadRecord, ring_asked: bool) -> None:
+        """Answer a sender that asked to write its parcel through a ring (TF_RING): use
+        the ring only when each part is copied as it comes, this CPU orders the
+        progress report after the copy, and the progress word lies past the parcel;
+        otherwise tell the sender to write the parcel whole (WRITE_WHOLE)."""
+        parts, send = thread.parts, thread.areas[SEND_AREA]
+        if not ring_asked or parts is None or send is None:
+            return
+        parts.ring = (
+            RING_IS_ORDERED
+            and parts.buffer is not None
+            and send.size >= max(parts.size, PARTS_RING) + PROGRESS.size
+        )
+        send.report_progress(0 if parts.ring else WRITE_WHOLE)
+
+    @staticmethod
     def _waiting_caller(thread: ThreadRecord) -> ThreadRecord | None:
         """The thread waiting for the reply to ``thread``'s innermost transaction."""
         txn = thread.incoming[-1] if thread.incoming else None
@@ -388,14 +418,18 @@ class Router:
             return
         target, buffer = parts.target, parts.buffer
         if target is not None and buffer is not None and not target.dead:
-            if send is None or ready > send.size:
+            if send is None or ready > send.size - (PROGRESS.size if parts.ring else 0):
                 self._drop_parts(thread)
                 self.protocol_error(thread, ProtocolError("a parcel part outside the send area"))
                 return
-            start = parts.copied
-            dest = target.region.address + buffer.offset + start
-            copy_bytes(dest, send.address + start, ready - start)
+            dest = target.region.address + buffer.offset
+            if parts.ring:
+                _copy_from_ring(dest, send.address, parts.copied, ready)
+            else:
+                copy_bytes(dest + parts.copied, send.address + parts.copied, ready - parts.copied)
         parts.copied = ready
+        if parts.ring and send is not None:
+            send.report_progress(ready)
         if ready < parts.size:
             return
         thread.parts = None
@@ -405,6 +439,10 @@ class Router:
             else:
                 buffer = None
         handle, code, flags, size = parts.handle, parts.code, parts.flags, parts.size
+        if parts.ring and buffer is None and not parts.is_reply:
+            # The ring holds only the parcel's last bytes: it cannot go the ordinary way.
+            self._fail_ring_transaction(thread, parts)
+            return
         if parts.is_reply:
             self.reply(thread, flags, size, prefilled=buffer)
         else:
@@ -429,9 +467,23 @@ class Router:
         target.free(buffer)
         return False
 
+    def _fail_ring_transaction(self, thread: ThreadRecord, parts: Parts) -> None:
+        """Answer a call sent through a ring whose early copy could not be used: its
+        target died, or its handle no longer names that target."""
+        self.transactions += 1
+        thread.process.transactions_sent += 1
+        if parts.target is not None and parts.target.dead:
+            self.send(thread, protocol.encode(BR_DEAD_REPLY))
+        else:
+            self.fail(thread, ProtocolError(), parts.handle, 0)
+
     def _drop_parts(self, thread: ThreadRecord) -> None:
-        """Forget the parcel ``thread`` was sending in parts, and free its early copy."""
+        """Forget the parcel ``thread`` was sending in parts, and free its early copy;
+        a sender writing through a ring is told to stop waiting for the broker."""
         parts, thread.parts = thread.parts, None
+        send = thread.areas[SEND_AREA]
+        if parts is not None and parts.ring and send is not None and thread.alive:
+            send.report_progress(WRITE_WHOLE)
         if parts is not None and parts.buffer is not None:
             assert parts.target is not None
             if not parts.target.dead:
@@ -637,7 +689,8 @@ class Router:
         ``prefilled`` is the caller's buffer that already holds the reply's copy.
         """
         if flags & TF_PARTS:
-            self._begin_reply_parts(thread, flags & ~TF_PARTS, size, tail_len)
+            self._begin_reply_parts(thread, flags & ~_PARTS_FLAGS, size, tail_len)
+            self._choose_layout(thread, bool(flags & TF_RING))
             return
         if not thread.incoming:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
@@ -840,6 +893,16 @@ class Router:
             self.drop_ref(ref)
         process.buffers.clear()
         process.region.close()
+
+
+def _copy_from_ring(destination: int, ring: int, start: int, end: int) -> None:
+    """Copy bytes ``start`` to ``end`` of a parcel from the sender's ring at ``ring``
+    (byte p at ``p % PARTS_RING``) to the parcel's buffer at ``destination``."""
+    while start < end:
+        at = start % PARTS_RING
+        size = min(end - start, PARTS_RING - at)
+        copy_bytes(destination + start, ring + at, size)
+        start += size
 
 
 def copy_bytes(destination: int, source: int, size: int) -> None:
