@@ -383,3 +383,14 @@ def test_a_call_waiting_for_ring_space_when_the_broker_dies_raises(cluster, serv
     broker.stop(signal.SIGKILL)
     caller.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], pybinder.BrokerUnavailableError)
+
+
+def test_a_parcel_of_exactly_the_broker_limit_goes_in_parts(cluster, proc):
+    """Its send area has no room for the progress word: it goes without the ring."""
+    cluster.server(region_size=proc.max_parcel)
+    service = proc.get_service("test", ITest, timeout=10)
+    overhead = parcel.encode([ITest.DESCRIPTOR, [bytes(PARTS_MIN)], {}]).size - PARTS_MIN
+    data = os.urandom(proc.max_parcel - overhead)
+    before = broker_counters(proc)["parcels_in_parts"]
+    assert service.digest(data)[1] == hashlib.sha256(data).hexdigest()
+    assert broker_counters(proc)["parcels_in_parts"] == before + 1
