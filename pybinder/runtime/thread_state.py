@@ -341,11 +341,12 @@ class ThreadState:
         while this thread writes the next instead of after the whole parcel.
 
         The parts go through a ring of :data:`~pybinder.protocol.PARTS_RING` bytes
-        (TF_RING) unless the parcel's head alone nearly fills it (or the parcel
-        leaves no room for the progress word under the broker's limit): a part is written
-        over one the broker has reported copied, so the bytes in flight stay in the
-        caches (a 16 MiB call took a third less time than with the parcel written
-        whole, here). When the broker answers WRITE_WHOLE, it is written whole.
+        (TF_RING): a part is written over one the broker has reported copied, so the
+        bytes in flight stay in the caches (a 16 MiB call took a third less time
+        than with the parcel written whole, here). The parcel is written whole when
+        the broker answers WRITE_WHOLE, when its head alone nearly fills the ring,
+        and when the send area would have no room for the progress word under the
+        broker's limit.
         ``opening(size, flags)`` is the command that opens the parcel (BC_TRANSACTION
         or BC_REPLY with ``flags``); it goes with the first part.
 
