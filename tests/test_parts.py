@@ -21,6 +21,7 @@ from pybinder import parcel, protocol
 from pybinder.protocol import (
     BC_ENTER_LOOPER,
     BC_PARCEL_READY,
+    BC_RELEASE,
     BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
@@ -356,6 +357,21 @@ def test_the_broker_reports_progress_past_a_target_that_died(server, service, ra
     assert eventually(lambda: sender.progress() == 2 * PARTS_RING)  # a sender never hangs
     sender.send_part(2 * PARTS_RING, size, 0)
     assert answer(raw_thread)[0][0] == BR_DEAD_REPLY
+    sender.area.close()
+
+
+def test_a_call_through_a_ring_whose_handle_is_released_midway_fails(proc, service, raw_thread):
+    handle = service.binder.handle
+    sender = RingSender(raw_thread, handle, bytes(3 * PARTS_RING), PROGRESS.size)
+    sender.send_part(0, PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == PARTS_RING)
+    raw_thread.send(protocol.encode(BC_RELEASE, handle, 1 << 30))  # every reference held
+    sender.send_part(PARTS_RING, 2 * PARTS_RING, 0)
+    assert eventually(lambda: sender.progress() == 2 * PARTS_RING)
+    sender.send_part(2 * PARTS_RING, len(sender.whole), 0)
+    assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
+    again = proc.get_service("test", ITest, timeout=10)
+    assert again.binder.handle != handle and again.add(1, 1) == 2
     sender.area.close()
 
 
