@@ -410,3 +410,25 @@ def test_a_parcel_of_exactly_the_broker_limit_goes_in_parts(cluster, proc):
     before = broker_counters(proc)["parcels_in_parts"]
     assert service.digest(data)[1] == hashlib.sha256(data).hexdigest()
     assert broker_counters(proc)["parcels_in_parts"] == before + 1
+
+
+def test_threads_sending_through_their_rings_at_once_each_arrive_whole(service, proc):
+    """Each thread has its own send area and ring; the broker keeps their parts apart."""
+    failures: list[BaseException] = []
+
+    def send_three(seed: int) -> None:
+        try:
+            for i in range(3):
+                data = bytes([seed]) * 1000 + os.urandom(PARTS_MIN + i * PART_SIZE + seed)
+                assert service.digest(data)[1] == hashlib.sha256(data).hexdigest()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=send_three, args=(seed,)) for seed in range(3)]
+    before = broker_counters(proc)["parcels_in_parts"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    assert broker_counters(proc)["parcels_in_parts"] - before == 9
