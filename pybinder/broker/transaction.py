@@ -439,10 +439,10 @@ class Router:
             else:
                 buffer = None
         handle, code, flags, size = parts.handle, parts.code, parts.flags, parts.size
-        if parts.ring and buffer is None and not parts.is_reply:
-            # The ring holds only the parcel's last bytes: it cannot go the ordinary way.
-            self._fail_ring_transaction(thread, parts)
-            return
+        # Without its early copy, a parcel sent through a ring (which holds only its
+        # last bytes) goes the ordinary way only when its target died, its handle was
+        # released or its caller stopped waiting: each fails or is dropped there
+        # before the send area is read.
         if parts.is_reply:
             self.reply(thread, flags, size, prefilled=buffer)
         else:
@@ -466,16 +466,6 @@ class Router:
                 return True
         target.free(buffer)
         return False
-
-    def _fail_ring_transaction(self, thread: ThreadRecord, parts: Parts) -> None:
-        """Answer a call sent through a ring whose early copy could not be used: its
-        target died, or its handle no longer names that target."""
-        self.transactions += 1
-        thread.process.transactions_sent += 1
-        if parts.target is not None and parts.target.dead:
-            self.send(thread, protocol.encode(BR_DEAD_REPLY))
-        else:
-            self.fail(thread, ProtocolError(), parts.handle, 0)
 
     def _drop_parts(self, thread: ThreadRecord) -> None:
         """Forget the parcel ``thread`` was sending in parts, and free its early copy;
