@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.metadata
 import json
 import math
@@ -12,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from pybinder import compiled
 
 from .common import fmt_size
 
@@ -98,7 +101,15 @@ def machine_info() -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()),
         "pipe_capacity_bytes": _default_pipe_size(),
         "packages": package_versions(),
+        "pybinder_compiled": pybinder_compiled(),
     }
+
+
+def pybinder_compiled() -> bool:
+    """Whether pybinder's broker and wire modules run compiled (mypyc) in this install."""
+    for name in compiled.COMPILED_MODULES:
+        importlib.import_module(name)
+    return compiled.running_compiled()
 
 
 # --------------------------------------------------------------------------
@@ -312,10 +323,18 @@ def _machine_line(result: dict[str, Any]) -> str:
     kernel = m["kernel"].split(" #")[0]
     return (
         f"Machine: {m['cpus_online']} CPUs ({m['cpu_model']}{mem_txt}), {kernel}, "
-        f"{m['python']}; load at start {load}; pin={result['config']['pin']} "
+        f"{m['python']} (pybinder {_build(m)}); load at start {load};"
+        f" pin={result['config']['pin']} "
         f"({result['config']['pin_note']}); mode={result['config']['mode']}"
         f"{_rounds_note(result['config'].get('rounds', 1))}"
     )
+
+
+def _build(machine: dict[str, Any]) -> str:
+    compiled_flag = machine.get("pybinder_compiled")
+    if compiled_flag is None:  # results from before the build compiled anything
+        return "pure Python"
+    return "compiled with mypyc" if compiled_flag else "pure Python"
 
 
 def _rounds_note(rounds: int) -> str:

@@ -24,6 +24,10 @@ Quick use::
         proc.join_thread_pool()
 """
 
+from pybinder.compiled import use_compiled_or_source
+
+use_compiled_or_source()  # before any compiled module is imported
+
 from pybinder.errors import (
     BinderError,
     BrokerUnavailableError,

@@ -195,7 +195,8 @@ def format_status(status: dict[str, Any]) -> str:
     """The human-readable ``pybinder status`` table (sizes in bytes)."""
     broker = status["broker"]
     lines = [
-        f"broker pid {broker['pid']} on {broker['socket']}, up {broker['uptime_s']:.0f} s",
+        f"broker pid {broker['pid']} on {broker['socket']}, up {broker['uptime_s']:.0f} s,"
+        f" {'compiled (mypyc)' if broker.get('compiled') else 'pure Python'}",
         f"transactions {broker['transactions']}, bytes copied {broker['bytes_copied']}"
         f" (out-of-band payload {broker['buffer_bytes_copied']})",
         "",

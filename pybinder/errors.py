@@ -83,3 +83,11 @@ ERROR_CODES: dict[int, type[BinderError]] = {
     8: BrokerUnavailableError,
 }
 CODE_OF_ERROR: dict[type[BinderError], int] = {cls: code for code, cls in ERROR_CODES.items()}
+
+
+class BrokerAlreadyRunningError(RuntimeError):
+    """Another broker holds the socket path (raised by ``Broker.start``, not to callers).
+
+    It lives here rather than in the broker daemon because mypyc, which compiles the
+    daemon, cannot compile a subclass of a built-in exception other than Exception.
+    """

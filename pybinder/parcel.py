@@ -180,7 +180,7 @@ class EncodedParcel:
         if buffers:
             self._lay_out()
         else:  # the usual small call: no alignment to work out
-            self.offsets = []
+            self.offsets: list[int] = []
             self.size = self.head_size = _HEADER_SIZE + _ENTRY_SIZE * len(objects) + len(body)
 
     def set_tail(self, index: int) -> None:

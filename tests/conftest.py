@@ -59,16 +59,22 @@ class Peer:
         return line
 
     def stop(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        """Send ``sig`` and reap the child; one that ignores it is killed, and then
+        AssertionError says so."""
+        ignored = False
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            ignored = True
             self.proc.kill()
             code = self.proc.wait(timeout)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+        if ignored:
+            raise AssertionError(f"{self.proc.args} did not exit within {timeout} s of {sig!r}")
         return code
 
 
@@ -100,8 +106,15 @@ class Cluster:
         return peer
 
     def close(self) -> None:
+        """Kill every peer, then stop the broker (the first peer) with SIGTERM, as a
+        user would; fail if any of them would not go."""
+        failures = []
         for peer in reversed(self.peers):
-            peer.stop(signal.SIGTERM if peer is self.peers[0] else signal.SIGKILL)
+            try:
+                peer.stop(signal.SIGTERM if peer is self.peers[0] else signal.SIGKILL)
+            except AssertionError as exc:
+                failures.append(str(exc))
+        assert not failures, failures
 
 
 def our_shm_entries() -> set[str]:

@@ -151,7 +151,7 @@ def imported_modules(directory: Path) -> set[str]:
     return names
 
 
-SHARED = ("errors", "paths", "parcel", "protocol", "region")
+SHARED = ("compiled", "errors", "paths", "parcel", "protocol", "region")
 
 
 def pybinder_parts(directory: Path) -> set[str]:

@@ -4,6 +4,7 @@ Nothing here imports :mod:`pybinder.runtime`; the two sides share only the wire
 (:mod:`pybinder.protocol`, :mod:`pybinder.parcel`, :mod:`pybinder.region`).
 """
 
-from pybinder.broker.daemon import Broker, BrokerAlreadyRunningError
+from pybinder.broker.daemon import Broker
+from pybinder.errors import BrokerAlreadyRunningError
 
 __all__ = ["Broker", "BrokerAlreadyRunningError"]

@@ -58,6 +58,7 @@ class BufferAllocator:
         """
         size = max(ALIGNMENT, (size + ALIGNMENT - 1) & ~(ALIGNMENT - 1))  # rounded(), inlined
         kept = self._kept.get(size)
+        start: int | None
         if kept:
             start = kept.pop()
             self._kept_bytes -= size

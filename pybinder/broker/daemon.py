@@ -32,7 +32,13 @@ from pybinder import protocol
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.service_manager import ServiceManager
 from pybinder.broker.transaction import Router
-from pybinder.errors import CODE_OF_ERROR, BinderError, ProtocolError
+from pybinder.compiled import running_compiled
+from pybinder.errors import (
+    CODE_OF_ERROR,
+    BinderError,
+    BrokerAlreadyRunningError,
+    ProtocolError,
+)
 from pybinder.paths import ensure_socket_dir
 from pybinder.protocol import MAX_MESSAGE
 from pybinder.region import DEFAULT_REGION_SIZE, MIN_REGION_SIZE, map_send_area
@@ -52,10 +58,7 @@ _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 BC_TRANSACTION, BC_REPLY = protocol.BC_TRANSACTION, protocol.BC_REPLY
 _HOT_COMMANDS = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
-
-
-class BrokerAlreadyRunningError(RuntimeError):
-    """Another broker holds the socket path."""
+_STOP_SIGNALS = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
 
 
 class Connection:
@@ -122,6 +125,9 @@ class Broker:
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self._owns_wakeup_fd = False
         self._stopping = False
         self._started = time.time()
         self._socket_ino = 0
@@ -168,8 +174,6 @@ class Broker:
         self._socket_ino = os.stat(self.socket_path).st_ino
         self._listener = listener
         self._epoll.register(listener.fileno(), select.EPOLLIN)
-        self._wakeup_r.setblocking(False)
-        self._wakeup_w.setblocking(False)
         self._epoll.register(self._wakeup_r.fileno(), select.EPOLLIN)
 
     def serve_forever(self) -> None:
@@ -205,9 +209,21 @@ class Broker:
             self._wakeup_w.send(b"x")
 
     def install_signal_handlers(self) -> None:
-        """Stop cleanly on SIGTERM and SIGINT."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+        """Stop cleanly on SIGTERM and SIGINT; call from the main thread.
+
+        The signal's number also arrives on the loop's wakeup socket
+        (``signal.set_wakeup_fd``), and the loop stops when it reads it: compiled code
+        runs a Python signal handler only when it next enters the interpreter, so a
+        signal that came while the loop was busy would otherwise wait for the next
+        message, which may never come.
+        """
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._on_stop_signal)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        self._owns_wakeup_fd = True
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self.stop()
 
     def close(self) -> None:
         """Close every connection, release every region, remove the socket and lock."""
@@ -224,6 +240,8 @@ class Broker:
                 if os.stat(self.socket_path).st_ino == self._socket_ino:
                     self.socket_path.unlink()
         self._release_lock()
+        if self._owns_wakeup_fd:
+            signal.set_wakeup_fd(-1)
         self._epoll.close()
         self._wakeup_r.close()
         self._wakeup_w.close()
@@ -255,6 +273,7 @@ class Broker:
                 "bytes_copied": router.bytes_copied,
                 "buffer_bytes_copied": router.buffer_bytes_copied,
                 "parcels_in_parts": router.parcels_in_parts,
+                "compiled": running_compiled(),
             },
             "processes": processes,
             "services": {name: s.pid for name, s in sorted(sm.services.items())},
@@ -313,9 +332,11 @@ class Broker:
                 timer.callback()
 
     def _drain_wakeup(self) -> None:
+        """Read the wakeup socket: a byte from :meth:`stop`, or a signal's number."""
         with contextlib.suppress(BlockingIOError):
-            while self._wakeup_r.recv(64):
-                pass
+            while data := self._wakeup_r.recv(64):
+                if not _STOP_SIGNALS.isdisjoint(data):
+                    self._stopping = True
 
     def _accept(self) -> None:
         assert self._listener is not None

@@ -1,0 +1,36 @@
+"""Build pybinder; compile the broker's hot path with mypyc when a C compiler is at hand.
+
+The metadata lives in pyproject.toml. The modules in
+``pybinder.compiled.COMPILED_MODULES`` are plain Python that mypyc also compiles to
+C extensions (about a third fewer instructions per broker call; see
+docs/performance.md). Without a working compiler the extensions are skipped and
+pybinder runs as pure Python; ``PYBINDER_PURE=1`` at build time skips them too.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+from setuptools import setup
+
+
+def compiled_extensions() -> list:
+    if os.environ.get("PYBINDER_PURE", "") not in ("", "0"):
+        return []
+    names = runpy.run_path("pybinder/compiled.py")["COMPILED_MODULES"]
+    paths = [os.path.join(*name.split(".")) + ".py" for name in names]
+    try:
+        from mypyc.build import mypycify
+
+        extensions = mypycify(paths, opt_level="3")
+    except (Exception, SystemExit) as exc:  # mypyc exits on a type error
+        print(f"pybinder: not compiling with mypyc ({exc!r}); pure Python", file=sys.stderr)
+        return []
+    for extension in extensions:
+        extension.optional = True  # no C compiler: build the rest, run from source
+    return extensions
+
+
+setup(ext_modules=compiled_extensions())
