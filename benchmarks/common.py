@@ -7,6 +7,7 @@ bytes; every reply is one little-endian uint64 (8 bytes).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import math
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing import reduction
 from typing import Any
+
+from pybinder.cli import parse_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -46,33 +49,17 @@ class BenchError(RuntimeError):
 # sizes
 
 
-_SUFFIXES = {
-    "": 1,
-    "b": 1,
-    "k": KiB,
-    "kb": KiB,
-    "kib": KiB,
-    "m": MiB,
-    "mb": MiB,
-    "mib": MiB,
-    "g": 1024 * MiB,
-    "gib": 1024 * MiB,
-}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``"64"``, ``"4k"``, ``"1MiB"`` ... into a byte count (binary units)."""
-    raw = text.strip().lower().replace(" ", "")
-    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-    suffix = raw[len(digits) :]
-    if not digits or suffix not in _SUFFIXES:
-        raise ValueError(f"bad size {text!r} (use e.g. 64, 4k, 1MiB)")
-    return int(float(digits) * _SUFFIXES[suffix])
-
-
 def parse_size_list(text: str) -> list[int]:
-    """Parse a comma-separated size list into sorted unique byte counts."""
-    sizes = sorted({parse_size(part) for part in text.split(",") if part.strip()})
+    """Parse a comma-separated size list (``"64,4k,1MiB"``, see
+    :func:`pybinder.cli.parse_size`) into sorted unique byte counts.
+
+    Raises:
+        ValueError: a part is not a size, the list is empty, or a size is too small.
+    """
+    try:
+        sizes = sorted({parse_size(part) for part in text.split(",") if part.strip()})
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
     if not sizes:
         raise ValueError("empty size list")
     if sizes[0] < MIN_PAYLOAD:
