@@ -17,10 +17,10 @@ from setuptools import setup
 
 
 def compiled_extensions() -> list:
-    if os.environ.get("PYBINDER_PURE", "") not in ("", "0"):
+    compiled = runpy.run_path("pybinder/compiled.py")
+    if compiled["pure_requested"]():
         return []
-    names = runpy.run_path("pybinder/compiled.py")["COMPILED_MODULES"]
-    paths = [os.path.join(*name.split(".")) + ".py" for name in names]
+    paths = [os.path.join(*name.split(".")) + ".py" for name in compiled["COMPILED_MODULES"]]
     try:
         from mypyc.build import mypycify
 

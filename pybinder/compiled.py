@@ -110,8 +110,6 @@ def use_compiled_or_source() -> None:
     module docstring). Call before importing any of them; later calls do nothing."""
     if any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
         return
-    if not any(extension_path(module) for module in COMPILED_MODULES):
-        return
     if not pure_requested():
         stale = stale_modules()
         if not stale:
