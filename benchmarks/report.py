@@ -331,10 +331,8 @@ def _machine_line(result: dict[str, Any]) -> str:
 
 
 def _build(machine: dict[str, Any]) -> str:
-    compiled_flag = machine.get("pybinder_compiled")
-    if compiled_flag is None:  # results from before the build compiled anything
-        return "pure Python"
-    return "compiled with mypyc" if compiled_flag else "pure Python"
+    # Results from before the build compiled anything have no flag: pure Python.
+    return "compiled with mypyc" if machine.get("pybinder_compiled") else "pure Python"
 
 
 def _rounds_note(rounds: int) -> str:

@@ -79,14 +79,16 @@ class Peer:
 
 
 class Cluster:
-    """Starts and finally stops every process of one test."""
+    """Starts and finally stops every process of one test, each with ``env`` (None:
+    this process's environment) unless :meth:`spawn` is given another."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, env: dict[str, str] | None = None) -> None:
         self.socket = socket_path
+        self.env = env
         self.peers: list[Peer] = []
 
     def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> Peer:
-        peer = Peer(argv, env)
+        peer = Peer(argv, env if env is not None else self.env)
         self.peers.append(peer)
         return peer
 

@@ -36,24 +36,10 @@ def test_the_installed_broker_runs_compiled(cluster):
 
 
 def test_a_pure_broker_and_server_serve_a_compiled_client(socket_dir):
-    pure = {**os.environ, compiled.PURE_ENV: "1"}
-    cluster = Cluster(str(socket_dir / "broker.sock"))
+    cluster = Cluster(str(socket_dir / "broker.sock"), {**os.environ, compiled.PURE_ENV: "1"})
     try:
-        broker = cluster.spawn(
-            [sys.executable, "-m", "pybinder", "broker", "--socket", cluster.socket], pure
-        )
-        assert "listening" in broker.readline()
-        cluster.spawn(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("peers.py")),
-                "server",
-                cluster.socket,
-                str(4 << 20),
-                "2",
-            ],
-            pure,
-        ).wait_ready()
+        cluster.broker()
+        cluster.server(threads=2)
         assert broker_status(cluster.socket)["compiled"] is False
         with pybinder.connect(cluster.socket) as proc:
             service = proc.get_service("test", ITest, timeout=10)
