@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spin-us",
         type=float,
         default=None,
-        help="µs the loop polls before it sleeps (default 50; 0: never spin)",
+        help="µs the loop polls before it sleeps (default 200; 0: never spin)",
     )
     broker.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 

@@ -206,12 +206,15 @@ def test_parcel_over_the_broker_limit_is_refused_before_sending(service):
 
 def test_a_caller_spins_only_briefly_while_replies_are_slow(cluster):
     cluster.server()
-    with pybinder.connect(cluster.socket, spin_us=10_000) as proc:
+    with pybinder.connect(cluster.socket, spin_us=5_000) as proc:
         service = proc.get_service("test", ITest, timeout=10)
         thread = proc.thread_state()
+        for _ in range(4):
+            service.sleep(0.008)
+        assert thread._spin == 0.005  # 8 ms replies, over the limit: the whole limit
         for _ in range(12):
             service.sleep(0.03)
-        assert thread._spin == MIN_SPIN  # 30 ms replies: only the short poll
+        assert thread._spin == MIN_SPIN  # 30 ms, over 4x the limit: only the short poll
         for _ in range(60):
             service.add(1, 1)
-        assert MIN_SPIN < thread._spin <= 0.01  # fast again: longer, within the limit
+        assert MIN_SPIN < thread._spin <= 0.005  # fast again: longer, within the limit

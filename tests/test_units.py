@@ -1,12 +1,18 @@
 """The pure pieces on their own: allocator, parcel format, frames, the looper's poll
-backoff, and the layering rule (the broker never imports the runtime, the runtime
+and its backoff, and the layering rule (the broker never imports the runtime, the runtime
 never imports the broker)."""
 
 from __future__ import annotations
 
 import ast
 import itertools
+import os
 import random
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -185,8 +191,9 @@ class _FakeProcess:
 
 def _looper_with_polls(found: list[bool]) -> tuple[object, list[float]]:
     """A ThreadState whose socket is replaced by a script: each poll finds its
-    message (True) or ends without it (False), and every poll after the script finds
-    it. Returns it and the spins it was asked to poll for (0.0: it blocked at once)."""
+    message or gives way (True) or runs out without it (False), and every poll after
+    the script finds it. Returns it and the spins it was asked to poll for (0.0: it
+    blocked at once)."""
     from pybinder.runtime.thread_state import ThreadState
 
     state = object.__new__(ThreadState)
@@ -199,7 +206,7 @@ def _looper_with_polls(found: list[bool]) -> tuple[object, list[float]]:
         spins.append(spin)
         if spin:
             assert state._process.looper_polling  # the process knows a looper polls
-            state._poll_found = next(outcomes)
+            state._poll_timed_out = not next(outcomes)
         return b"message"
 
     state._recv = recv
@@ -217,12 +224,49 @@ def test_a_looper_polls_after_a_call_and_backs_off_when_polls_miss():
     for _ in range(300):
         state._next_work(answered_call=True)
     polled = [i for i, spin in enumerate(spins) if spin]
-    assert all(spins[i] == 100e-6 for i in polled)  # half of spin_us
+    assert all(spins[i] == 200e-6 for i in polled)  # all of spin_us
     # a hit, then misses: each miss doubles the calls let pass (1, 2, 4, ... up to 64)
     gaps = [b - a - 1 for a, b in itertools.pairwise(polled)]
     assert gaps[: misses + 1] == [0, 1, 2, 4, 8, 16, 32, MAX_LOOPER_SKIP, MAX_LOOPER_SKIP]
     assert gaps[misses + 1] == 0  # a poll that found its message resets the backoff
     assert not state._process.looper_polling
+
+
+def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
+    """The looper's backoff counts only polls that ran their whole spin: one that
+    found its message, or gave way to a busy thread on its CPU, is not a miss."""
+    from pybinder.runtime.thread_state import ThreadState
+
+    ours, broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    state = object.__new__(ThreadState)
+    state._sock = ours
+    cpus = os.sched_getaffinity(0)
+    busy = None
+    try:
+        broker.send(b"waiting")
+        assert state._recv_spinning(1.0) == b"waiting"
+        assert not state._poll_timed_out
+
+        threading.Timer(0.02, broker.send, [b"late"]).start()
+        assert state._recv_spinning(0.002) == b"late"  # polled 2 ms, then blocked
+        assert state._poll_timed_out
+
+        cpu = min(cpus)
+        busy = subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile 1: pass"]
+        )
+        time.sleep(0.2)  # the busy process is pinned and spinning
+        os.sched_setaffinity(0, {cpu})
+        threading.Timer(0.4, broker.send, [b"shared"]).start()
+        assert state._recv_spinning(0.2) == b"shared"  # arrives after the spin...
+        assert not state._poll_timed_out  # ...but the poll gave way and blocked first
+    finally:
+        os.sched_setaffinity(0, cpus)
+        if busy is not None:
+            busy.kill()
+            busy.wait(10)
+        ours.close()
+        broker.close()
 
 
 def test_only_one_looper_of_a_process_polls():

@@ -48,8 +48,11 @@ log = logging.getLogger("pybinder.broker")
 #: Default cap on a region (and so on a parcel), in bytes: 256 MiB.
 DEFAULT_MAX_REGION_SIZE = 256 * 1024 * 1024
 
-#: How long the loop polls before sleeping in epoll_wait, in µs.
-DEFAULT_SPIN_US = 50.0
+#: How long the loop polls before sleeping in epoll_wait, in µs: as long as a
+#: client's longest poll for a reply (the runtime's default ``spin_us``). At 50 µs
+#: the broker slept through a server's reply whenever the method and the server's
+#: wake-up took longer, as they do on a busy VM, and every hop then paid a wake-up.
+DEFAULT_SPIN_US = 200.0
 
 _PEERCRED = struct.Struct("3i")
 _MAX_FDS = 4

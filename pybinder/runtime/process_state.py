@@ -64,11 +64,11 @@ class ProcessState:
         spin_us: the longest a thread waiting for a reply polls, yielding the CPU,
             before it sleeps, in µs (None: ``$PYBINDER_SPIN_US`` or 200; 0 never spins).
             Within it a thread polls for twice its recent typical wait, and only
-            50 µs while that would exceed ``spin_us``; it stops at once when its CPU
-            turns out to be shared with another busy thread. A reply that comes
-            while it polls costs no wake-up. A looper that has just answered a
-            two-way call polls for up to half of it for the next call (one looper
-            per process at a time).
+            50 µs while that exceeds four times ``spin_us`` (a slow method); it
+            stops at once when its CPU turns out to be shared with another busy
+            thread. A reply that comes while it polls costs no wake-up. A looper
+            that has just answered a two-way call polls up to ``spin_us`` for the
+            next call (one looper per process at a time).
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.

@@ -65,6 +65,10 @@ log = logging.getLogger("pybinder")
 #: A thread waiting for a reply polls at least this long (unless spinning is off), s.
 MIN_SPIN = 50e-6
 
+#: A caller whose typical wait exceeds this many times ``spin_seconds`` is waiting on
+#: slow work (a slow method, a long queue), not on hops, and polls only MIN_SPIN.
+SLOW_REPLY_FACTOR = 4
+
 #: A new send area is at least this large, in bytes.
 MIN_SEND_AREA = 64 * 1024
 
@@ -138,7 +142,7 @@ class ThreadState:
         self._typical_wait = process.spin_seconds / 4  # seconds; see _observe_wait
         self._spin = max(min(MIN_SPIN, process.spin_seconds), process.spin_seconds / 2)  # s
         self._deferred = b""
-        self._poll_found = False  # whether the last _recv_spinning found its message polling
+        self._poll_timed_out = False  # whether the last _recv_spinning polled its whole spin
         self._looper_backoff = 0  # calls a looper skips polling after its next missed poll
         self._looper_skip = 0  # calls left before a looper polls again
         self._closed = False
@@ -200,7 +204,7 @@ class ThreadState:
         """Serve incoming transactions on this thread until the process state closes.
 
         A looper that has just answered a two-way call polls for the next one for up
-        to half of ``spin_us`` if no other looper of this process is polling (see
+        to ``spin_us`` if no other looper of this process is polling (see
         :meth:`_recv_spinning`): callers tend to call again at once, and with the
         broker on another CPU the next call then costs no cross-CPU wake-up. One
         poller per process at most, because several starve the broker when they share
@@ -230,11 +234,14 @@ class ThreadState:
         """A looper's next message: polled for after a two-way call (see
         :meth:`join_looper`), unless another looper polls or recent polls missed.
 
-        A poll that ends without a message (the broker was busy on this CPU, or no
-        call came in time) makes this looper skip polling for the next 1, 2, 4, ...
-        up to :data:`MAX_LOOPER_SKIP` calls, so a saturated broker is not also
-        made to share its CPU with a poller; a poll that finds its message resets
-        that.
+        A poll that runs out without a message (no call came in time) makes this
+        looper skip polling for the next 1, 2, 4, ... up to :data:`MAX_LOOPER_SKIP`
+        calls, so a process called only now and then does not poll in vain after
+        every call; a poll that finds its message resets that, and so does one that
+        gave way to a busy thread on this CPU (it cost one ``sched_yield``, and the
+        wake-up it leads to is a cheap one on this CPU). Backing off after those too
+        once kept a server's loopers asleep for good on a busy host: every call then
+        paid a cross-CPU wake-up, which made the next gap longer still.
         """
         process = self._process
         if not answered_call or process.looper_polling or not process.spin_seconds:
@@ -244,10 +251,10 @@ class ThreadState:
             return self._recv()
         process.looper_polling = True
         try:
-            message = self._recv(process.spin_seconds / 2)
+            message = self._recv(process.spin_seconds)
         finally:
             process.looper_polling = False
-        if self._poll_found:
+        if not self._poll_timed_out:
             self._looper_backoff = 0
         else:
             self._looper_backoff = min(MAX_LOOPER_SKIP, 2 * self._looper_backoff or 1)
@@ -531,43 +538,48 @@ class ThreadState:
         pybinder hop). Yielding keeps the poll from starving a thread that shares
         this CPU; once a yield has run another busy thread here (most likely the
         broker, which must run for the message to come), polling only delays it, so
-        the thread blocks at once. Sets ``_poll_found``: whether polling found the
-        message.
+        the thread blocks at once. Sets ``_poll_timed_out``: whether the poll ran for
+        all of ``spin`` without the message.
         """
         sock = self._sock
         deadline = time.perf_counter() + spin
+        self._poll_timed_out = False
         while True:
             try:
-                message = sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
-                self._poll_found = True
-                return message
+                return sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass
             before = time.perf_counter()
             if before >= deadline:
+                self._poll_timed_out = True
                 break
             os.sched_yield()
             if time.perf_counter() - before > SHARED_CPU_YIELD:
                 break
-        self._poll_found = False
         return sock.recv(MAX_MESSAGE)
 
     def _observe_wait(self, elapsed: float) -> None:
         """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8), and
-        set how long to poll for the next reply: twice the typical wait, at least
-        :data:`MIN_SPIN`; only :data:`MIN_SPIN` when that would exceed ``spin_seconds``
-        (a slow method, or a broker busy with many callers, where long polls by many
-        callers only take CPU from the broker).
+        set how long to poll for the next reply: twice the typical wait, between
+        :data:`MIN_SPIN` and ``spin_seconds``; only :data:`MIN_SPIN` once the typical
+        wait exceeds :data:`SLOW_REPLY_FACTOR` times ``spin_seconds`` (a slow method,
+        where a long poll would only burn CPU).
 
-        Even then a short poll pays: it keeps this CPU awake for the broker, whose
-        copy of a large parcel uses a second thread (measured: a 16 MiB call took
-        about 300 µs longer when the caller slept at once).
+        Replies that take somewhat longer than the limit still get the whole limit:
+        they are often slow *because* the threads they wait for sleep (each wake-up
+        on another CPU of a busy VM costs 40-60 µs), and a caller that stopped polling
+        for them made them slower still; on such a host that feedback once held 64 B
+        calls at 260-340 µs where polling kept them at 100-170 µs.
+        Even a short poll pays: it keeps this CPU awake for the broker, whose copy of
+        a large parcel uses a second thread (measured: a 16 MiB call took about
+        300 µs longer when the caller slept at once).
         """
         limit = self._process.spin_seconds
-        typical = self._typical_wait + (min(elapsed, 4 * limit) - self._typical_wait) / 8
+        slow = SLOW_REPLY_FACTOR * limit
+        typical = self._typical_wait + (min(elapsed, 2 * slow) - self._typical_wait) / 8
         self._typical_wait = typical
         floor = min(MIN_SPIN, limit)
-        self._spin = floor if 2 * typical > limit else max(floor, 2 * typical)
+        self._spin = floor if typical > slow else max(floor, min(limit, 2 * typical))
 
     def _wait_for(self, wanted: Container[int], spin: float = 0.0) -> tuple[int, ...]:
         """Receive until a command whose code is in ``wanted`` arrives, serving
