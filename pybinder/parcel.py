@@ -23,43 +23,43 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
 from pybinder.errors import ProtocolError
 
-MAGIC = b"PBP1"
-VERSION = 1
+MAGIC: Final = b"PBP1"
+VERSION: Final = 1
 
 #: Bytes-like values of this many bytes or more travel out of band (4 KiB).
-OUT_OF_BAND_THRESHOLD = 4096
+OUT_OF_BAND_THRESHOLD: Final = 4096
 
 #: Out-of-band buffers start on this boundary, in bytes.
-BUFFER_ALIGN = 64
+BUFFER_ALIGN: Final = 64
 
 #: Upper bounds the broker enforces so a header cannot make it loop for long.
-MAX_OBJECTS = 4096
-MAX_BUFFERS = 4096
+MAX_OBJECTS: Final = 4096
+MAX_BUFFERS: Final = 4096
 
 #: Object table kinds (binder's BINDER_TYPE_BINDER and BINDER_TYPE_HANDLE).
-OBJ_NODE = 1  # value: the sender's local node id (a Stub it owns)
-OBJ_HANDLE = 2  # value: a handle in the sender's (or receiver's, after translation) table
+OBJ_NODE: Final = 1  # value: the sender's local node id (a Stub it owns)
+OBJ_HANDLE: Final = 2  # value: a handle in the sender's (or receiver's, after translation) table
 
 #: msgpack extension codes used in the body.
-EXT_BUFFER = 1  # data: u32 index into the buffer table
-EXT_OBJECT = 2  # data: u32 index into the object table
+EXT_BUFFER: Final = 1  # data: u32 index into the buffer table
+EXT_OBJECT: Final = 2  # data: u32 index into the object table
 
-HEADER = struct.Struct("<4sHHIIIIQ")
-OBJECT_ENTRY = struct.Struct("<IIQ")
-BUFFER_ENTRY = struct.Struct("<QQ")
-_INDEX = struct.Struct("<I")
+HEADER: Final = struct.Struct("<4sHHIIIIQ")
+OBJECT_ENTRY: Final = struct.Struct("<IIQ")
+BUFFER_ENTRY: Final = struct.Struct("<QQ")
+_INDEX: Final = struct.Struct("<I")
 
 assert HEADER.size == 32 and OBJECT_ENTRY.size == 16 and BUFFER_ENTRY.size == 16
-_HEADER_SIZE = HEADER.size
-_ENTRY_SIZE = BUFFER_ENTRY.size  # of either table
-_unpack_header = HEADER.unpack_from
-_new_tuple = tuple.__new__
+_HEADER_SIZE: Final = HEADER.size
+_ENTRY_SIZE: Final = BUFFER_ENTRY.size  # of either table
+_unpack_header: Final = HEADER.unpack_from
+_new_tuple: Final = tuple.__new__
 
 ObjectEncoder = Callable[[Any], "tuple[int, int] | None"]
 ObjectDecoder = Callable[[int, int], Any]
@@ -293,7 +293,7 @@ class _Encoder:
         return self.out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
 
 
-_encoders = threading.local()
+_encoders: Final = threading.local()
 
 
 def decode(
@@ -367,9 +367,9 @@ def _flat_bytes(view: memoryview) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-_BYTES_LIKE = (bytes, bytearray, memoryview)
-_SCALARS = frozenset({int, float, str, bool, type(None)})
-_CONTAINERS = frozenset({list, tuple, dict})
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
+_SCALARS: Final = frozenset({int, float, str, bool, type(None)})
+_CONTAINERS: Final = frozenset({list, tuple, dict})
 
 
 def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:

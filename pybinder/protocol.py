@@ -13,21 +13,22 @@ together with BC_REPLY), so one system call carries both.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION: Final = 3
 
 #: The largest message either side sends or accepts, in bytes.
-MAX_MESSAGE = 4096
+MAX_MESSAGE: Final = 4096
 
 #: Transaction flag: no reply is wanted (binder's TF_ONE_WAY).
-TF_ONE_WAY = 0x01
+TF_ONE_WAY: Final = 0x01
 
 #: Transaction and reply flag (pybinder's own): the parcel is written while it is sent,
 #: in parts; it is complete when a BC_PARCEL_READY names all of its bytes. The broker
 #: copies each part as it is announced, so the sender's writing and its copy overlap.
-TF_PARTS = 0x100
+TF_PARTS: Final = 0x100
 
 #: With TF_PARTS (pybinder's own): the sender writes the parcel through a ring, byte p
 #: at offset ``p % PARTS_RING`` of its send area, and overwrites ring bytes only once
@@ -37,69 +38,69 @@ TF_PARTS = 0x100
 #: does not order the report after the copy); the sender then writes the parcel whole.
 #: A ring that fits the caches keeps the sender's copy out of main memory, so the
 #: sender's copy and the broker's no longer share its bandwidth.
-TF_RING = 0x200
+TF_RING: Final = 0x200
 
 #: The ring's size in bytes (see :data:`TF_RING`).
-PARTS_RING = 512 * 1024
+PARTS_RING: Final = 512 * 1024
 
 #: The progress word at the end of a send area: a little-endian i64 (see TF_RING).
-PROGRESS = struct.Struct("<q")
+PROGRESS: Final = struct.Struct("<q")
 
 #: The progress word's value that tells the sender to write its parcel whole.
-WRITE_WHOLE = -1
+WRITE_WHOLE: Final = -1
 
 #: The service manager's handle in every process (binder's context manager).
-SERVICE_MANAGER_HANDLE = 0
+SERVICE_MANAGER_HANDLE: Final = 0
 
 # A thread has two areas it shares with the broker: its send area, where parcels are
 # built, and its loan area, where a caller fills large buffers in place. A parcel of
 # data_len bytes is the first data_len - tail_len bytes of the send area followed by
 # tail_len bytes of the loan area from tail_offset (tail_len 0: no tail).
-SEND_AREA = 0
-LOAN_AREA = 1
+SEND_AREA: Final = 0
+LOAN_AREA: Final = 1
 
 # -- commands a thread sends (binder's BC_*) ---------------------------------------
-BC_HELLO_PROCESS = 0x4301  # version, region_size: open a process state (binder open+mmap)
-BC_HELLO_THREAD = 0x4302  # version, process_key: join an open process state as a thread
-BC_SET_SEND_AREA = 0x4303  # size, area (SEND_AREA or LOAN_AREA), one sealed memfd attached
-BC_ENTER_LOOPER = 0x4304  # this thread now waits for incoming transactions
-BC_TRANSACTION = 0x4305  # handle, code, flags, data_len, tail_offset, tail_len (see below)
-BC_REPLY = 0x4306  # flags, data_len, tail_offset, tail_len: answer the current transaction
-BC_FREE_BUFFER = 0x4307  # offset: the receiver is done with a buffer in its region
-BC_RELEASE = 0x4308  # handle, count: drop `count` references to a handle
-BC_EXIT_LOOPER = 0x4309  # this thread no longer waits for transactions
-BC_PARCEL_READY = 0x430A  # ready: the first `ready` bytes of a TF_PARTS parcel are written
+BC_HELLO_PROCESS: Final = 0x4301  # version, region_size: open a process state (binder open+mmap)
+BC_HELLO_THREAD: Final = 0x4302  # version, process_key: join an open process state as a thread
+BC_SET_SEND_AREA: Final = 0x4303  # size, area (SEND_AREA or LOAN_AREA), one sealed memfd attached
+BC_ENTER_LOOPER: Final = 0x4304  # this thread now waits for incoming transactions
+BC_TRANSACTION: Final = 0x4305  # handle, code, flags, data_len, tail_offset, tail_len (see below)
+BC_REPLY: Final = 0x4306  # flags, data_len, tail_offset, tail_len: answer the current transaction
+BC_FREE_BUFFER: Final = 0x4307  # offset: the receiver is done with a buffer in its region
+BC_RELEASE: Final = 0x4308  # handle, count: drop `count` references to a handle
+BC_EXIT_LOOPER: Final = 0x4309  # this thread no longer waits for transactions
+BC_PARCEL_READY: Final = 0x430A  # ready: the first `ready` bytes of a TF_PARTS parcel are written
 
 # -- returns the broker sends (binder's BR_*) ---------------------------------------
-BR_HELLO_PROCESS = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
-BR_HELLO_THREAD = 0x5202  # process_key
-BR_OK = 0x5203  # the last command that wants an answer succeeded
-BR_ERROR = 0x5204  # code, size, limit: the last command failed
-BR_TRANSACTION = 0x5205  # node, code, flags, offset, data_len, pid, uid, gid
-BR_REPLY = 0x5206  # offset, data_len
-BR_TRANSACTION_COMPLETE = 0x5207  # a oneway transaction was copied into its target
-BR_DEAD_REPLY = 0x5208  # the target died before answering
-BR_FAILED_REPLY = 0x5209  # code, size, limit: the transaction could not be delivered
-BR_RELEASE_NODE = 0x520A  # node, count: no remote references left to a local node
+BR_HELLO_PROCESS: Final = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
+BR_HELLO_THREAD: Final = 0x5202  # process_key
+BR_OK: Final = 0x5203  # the last command that wants an answer succeeded
+BR_ERROR: Final = 0x5204  # code, size, limit: the last command failed
+BR_TRANSACTION: Final = 0x5205  # node, code, flags, offset, data_len, pid, uid, gid
+BR_REPLY: Final = 0x5206  # offset, data_len
+BR_TRANSACTION_COMPLETE: Final = 0x5207  # a oneway transaction was copied into its target
+BR_DEAD_REPLY: Final = 0x5208  # the target died before answering
+BR_FAILED_REPLY: Final = 0x5209  # code, size, limit: the transaction could not be delivered
+BR_RELEASE_NODE: Final = 0x520A  # node, count: no remote references left to a local node
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
-REPLY_OK = 0  # [REPLY_OK, result]
-REPLY_EXCEPTION = 1  # [REPLY_EXCEPTION, module, qualname, message, traceback]
-REPLY_BINDER_ERROR = 2  # [REPLY_BINDER_ERROR, error code (errors.ERROR_CODES), message]
+REPLY_OK: Final = 0  # [REPLY_OK, result]
+REPLY_EXCEPTION: Final = 1  # [REPLY_EXCEPTION, module, qualname, message, traceback]
+REPLY_BINDER_ERROR: Final = 2  # [REPLY_BINDER_ERROR, error code (errors.ERROR_CODES), message]
 
 #: The first user transaction code (binder's FIRST_CALL_TRANSACTION).
-FIRST_CALL_TRANSACTION = 1
+FIRST_CALL_TRANSACTION: Final = 1
 
 # -- the service manager at handle 0, served inside the broker ---------------------
-SERVICE_MANAGER_DESCRIPTOR = "pybinder.IServiceManager"
-SM_CHECK_SERVICE = 1  # (name) -> binder or None
-SM_WAIT_FOR_SERVICE = 2  # (name, timeout seconds or None) -> binder, or ServiceNotFoundError
-SM_ADD_SERVICE = 3  # (name, binder) -> None
-SM_LIST_SERVICES = 4  # () -> [name, ...]
-SM_STATUS = 5  # () -> the broker's status dict
+SERVICE_MANAGER_DESCRIPTOR: Final = "pybinder.IServiceManager"
+SM_CHECK_SERVICE: Final = 1  # (name) -> binder or None
+SM_WAIT_FOR_SERVICE: Final = 2  # (name, timeout seconds or None) -> binder, or ServiceNotFoundError
+SM_ADD_SERVICE: Final = 3  # (name, binder) -> None
+SM_LIST_SERVICES: Final = 4  # () -> [name, ...]
+SM_STATUS: Final = 5  # () -> the broker's status dict
 
-_FIELDS: dict[int, str] = {
+_FIELDS: Final[dict[int, str]] = {
     BC_HELLO_PROCESS: "IQ",
     BC_HELLO_THREAD: "IQ",
     BC_SET_SEND_AREA: "QI",
@@ -123,15 +124,15 @@ _FIELDS: dict[int, str] = {
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.
-COMMAND_STRUCTS: dict[int, struct.Struct] = {
+COMMAND_STRUCTS: Final[dict[int, struct.Struct]] = {
     cmd: struct.Struct("<I" + fields) for cmd, fields in _FIELDS.items()
 }
 
-COMMAND_NAMES: dict[int, str] = {
+COMMAND_NAMES: Final[dict[int, str]] = {
     value: name for name, value in globals().items() if name.startswith(("BC_", "BR_"))
 }
 
-_CODE = struct.Struct("<I")
+_CODE: Final = struct.Struct("<I")
 
 
 def encode(cmd: int, *fields: int) -> bytes:

@@ -23,22 +23,23 @@ import fcntl
 import mmap
 import os
 import secrets
+from typing import Final
 
 import posix_ipc
 
 from pybinder.errors import ProtocolError
 
 #: Binder's default buffer space per process: 1 MiB minus two 4 KiB pages (BINDER_VM_SIZE).
-DEFAULT_REGION_SIZE = 1024 * 1024 - 8 * 1024
+DEFAULT_REGION_SIZE: Final = 1024 * 1024 - 8 * 1024
 
 #: The smallest region the broker hands out, in bytes.
-MIN_REGION_SIZE = 64 * 1024
+MIN_REGION_SIZE: Final = 64 * 1024
 
 #: Prefix of every /dev/shm name this project creates (they live for microseconds).
-SHM_PREFIX = "pybinder-"
+SHM_PREFIX: Final = "pybinder-"
 
 #: Seals a send area must carry before the broker maps it.
-REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class BrokerRegion:

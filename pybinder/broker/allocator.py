@@ -15,12 +15,13 @@ updates. Kept blocks are merged back whenever an allocation finds no free range.
 from __future__ import annotations
 
 import bisect
+from typing import Final
 
 #: Every buffer starts on this boundary, in bytes.
-ALIGNMENT = 64
+ALIGNMENT: Final = 64
 
 #: Freed blocks of at most this many bytes are kept for reuse (see the module doc).
-REUSE_MAX = 1024
+REUSE_MAX: Final = 1024
 
 
 class BufferAllocator:

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pybinder import protocol
 from pybinder.broker.process import ProcessRecord, ThreadRecord
@@ -40,28 +40,27 @@ from pybinder.errors import (
     ProtocolError,
 )
 from pybinder.paths import ensure_socket_dir
-from pybinder.protocol import MAX_MESSAGE
+from pybinder.protocol import BC_REPLY, BC_TRANSACTION, MAX_MESSAGE
 from pybinder.region import DEFAULT_REGION_SIZE, MIN_REGION_SIZE, map_send_area
 
-log = logging.getLogger("pybinder.broker")
+log: Final = logging.getLogger("pybinder.broker")
 
 #: Default cap on a region (and so on a parcel), in bytes: 256 MiB.
-DEFAULT_MAX_REGION_SIZE = 256 * 1024 * 1024
+DEFAULT_MAX_REGION_SIZE: Final = 256 * 1024 * 1024
 
 #: How long the loop polls before sleeping in epoll_wait, in µs: as long as a
 #: client's longest poll for a reply (the runtime's default ``spin_us``). At 50 µs
 #: the broker slept through a server's reply whenever the method and the server's
 #: wake-up took longer, as they do on a busy VM, and every hop then paid a wake-up.
-DEFAULT_SPIN_US = 200.0
+DEFAULT_SPIN_US: Final = 200.0
 
-_PEERCRED = struct.Struct("3i")
-_MAX_FDS = 4
-_ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * 4)
-_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
-_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-BC_TRANSACTION, BC_REPLY = protocol.BC_TRANSACTION, protocol.BC_REPLY
-_HOT_COMMANDS = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
-_STOP_SIGNALS = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
+_PEERCRED: Final = struct.Struct("3i")
+_MAX_FDS: Final = 4
+_ANCILLARY: Final = socket.CMSG_SPACE(_MAX_FDS * 4)
+_TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_READABLE: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_HOT_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
+_STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
 
 
 class Connection:

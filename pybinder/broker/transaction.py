@@ -22,7 +22,7 @@ import logging
 import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pybinder import protocol
 from pybinder.broker.process import Buffer, Node, Parts, ProcessRecord, Ref, ThreadRecord
@@ -65,25 +65,25 @@ if TYPE_CHECKING:
     from pybinder.broker.service_manager import ServiceManager
     from pybinder.region import BrokerRegion
 
-log = logging.getLogger("pybinder.broker")
+log: Final = logging.getLogger("pybinder.broker")
 
-_BR_TRANSACTION = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
-_BR_REPLY = protocol.COMMAND_STRUCTS[BR_REPLY]
+_BR_TRANSACTION: Final = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
+_BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 
 #: Copies of at least this many bytes are split over two threads.
-PARALLEL_COPY_MIN = 2 * 1024 * 1024
+PARALLEL_COPY_MIN: Final = 2 * 1024 * 1024
 
 #: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
 #: assignment, which costs a third of a ``ctypes.memmove`` call.
-SMALL_COPY = 2048
+SMALL_COPY: Final = 2048
 
 #: Whether this CPU makes a store visible only after the loads before it (x86-64 is
 #: TSO), so that a sender that reads the broker's progress word (TF_RING) never
 #: overwrites bytes the broker's copy has yet to read. Other CPUs would need a fence
 #: Python cannot issue; their senders are told to write parcels whole.
-RING_IS_ORDERED = platform.machine().lower() in ("x86_64", "amd64")
+RING_IS_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64")
 
-_PARTS_FLAGS = TF_PARTS | TF_RING
+_PARTS_FLAGS: Final = TF_PARTS | TF_RING
 
 Sender = Callable[["Connection", bytes], None]
 
