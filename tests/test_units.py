@@ -247,8 +247,13 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
         assert state._recv_spinning(1.0) == b"waiting"
         assert not state._poll_timed_out
 
-        threading.Timer(0.02, broker.send, [b"late"]).start()
-        assert state._recv_spinning(0.002) == b"late"  # polled 2 ms, then blocked
+        # Polled 2 ms, then blocked. A real yield here may run some other thread (a
+        # kernel worker, another test's process) and so rightly end the poll early;
+        # with yields that run nothing, the poll must run out.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "sched_yield", lambda: None)
+            threading.Timer(0.02, broker.send, [b"late"]).start()
+            assert state._recv_spinning(0.002) == b"late"
         assert state._poll_timed_out
 
         cpu = min(cpus)
