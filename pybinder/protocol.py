@@ -17,7 +17,7 @@ from typing import Final
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 
 #: The largest message either side sends or accepts, in bytes.
 MAX_MESSAGE: Final = 4096
@@ -40,6 +40,14 @@ TF_PARTS: Final = 0x100
 #: sender's copy and the broker's no longer share its bandwidth.
 TF_RING: Final = 0x200
 
+#: With TF_ONE_WAY, without TF_PARTS (pybinder's own): a oneway call sent in a window
+#: (the sender goes on before the broker has copied it, see :data:`WINDOW_RING`).
+#: The broker sends no BR_TRANSACTION_COMPLETE for it: it counts the call as settled
+#: in the sender's :data:`SETTLE_WORDS` instead, and a failure also as failed, after
+#: sending the failure itself (BR_FAILED_REPLY or BR_DEAD_REPLY) as usual. A stream of
+#: oneway calls then costs one message per call, not two.
+TF_WINDOW: Final = 0x400
+
 #: The ring's size in bytes (see :data:`TF_RING`): two parts of 512 KiB. Within a
 #: CPU's L2 cache here (1 MiB), and half as many parts, each announced by a message,
 #: as a 512 KiB ring of 256 KiB parts: 16 MiB calls took about a fifth less time.
@@ -51,13 +59,43 @@ PROGRESS: Final = struct.Struct("<q")
 #: The progress word's value that tells the sender to write its parcel whole.
 WRITE_WHOLE: Final = -1
 
+#: Two little-endian i64 just before the progress word at the end of a send area:
+#: how many of the thread's TF_WINDOW calls failed, and how many the broker has
+#: settled (copied into the target's region, or failed), counted from the thread's
+#: hello. The broker writes them and never reads them; the sender may restore them
+#: while none of its windowed calls is in flight (a parcel sent whole may reach them).
+SETTLE_WORDS: Final = struct.Struct("<qq")
+
+#: The i64 words at the end of a send area, as indices into its last END_WORDS x 8
+#: bytes: the settle words, then the progress word. Each is written and read by one
+#: aligned 8-byte access (a memoryview cast to "q"), never byte by byte, so a poller
+#: never sees a word half written.
+END_WORDS: Final = 3
+FAILED_WORD: Final = 0
+SETTLED_WORD: Final = 1
+PROGRESS_WORD: Final = 2
+
+#: Windowed oneway calls (TF_WINDOW) are written one after another, each at a 64-byte
+#: boundary, in a ring of (at most) this many bytes at the start of the send area
+#: (BC_TRANSACTION's head_offset says where); the sender writes over a call only once
+#: the settle words say the broker has copied it. The size of the parts ring: it fits
+#: a CPU's L2 cache here.
+WINDOW_RING: Final = PARTS_RING
+
+#: The most transaction commands (BC_TRANSACTION, BC_REPLY, BC_PARCEL_READY) the
+#: broker holds back for a thread whose oneway call waits for room in its target, to
+#: run in order once it has room; a thread that sends more gets a protocol error. A
+#: window (TF_WINDOW) must therefore hold fewer calls.
+MAX_BACKLOG: Final = 64
+
 #: The service manager's handle in every process (binder's context manager).
 SERVICE_MANAGER_HANDLE: Final = 0
 
 # A thread has two areas it shares with the broker: its send area, where parcels are
 # built, and its loan area, where a caller fills large buffers in place. A parcel of
-# data_len bytes is the first data_len - tail_len bytes of the send area followed by
-# tail_len bytes of the loan area from tail_offset (tail_len 0: no tail).
+# data_len bytes is data_len - tail_len bytes of the send area from head_offset
+# followed by tail_len bytes of the loan area from tail_offset (tail_len 0: no tail).
+# head_offset is 0 but for a oneway call in a window (see WINDOW_RING).
 SEND_AREA: Final = 0
 LOAN_AREA: Final = 1
 
@@ -66,7 +104,7 @@ BC_HELLO_PROCESS: Final = 0x4301  # version, region_size: open a process state (
 BC_HELLO_THREAD: Final = 0x4302  # version, process_key: join an open process state as a thread
 BC_SET_SEND_AREA: Final = 0x4303  # size, area (SEND_AREA or LOAN_AREA), one sealed memfd attached
 BC_ENTER_LOOPER: Final = 0x4304  # this thread now waits for incoming transactions
-BC_TRANSACTION: Final = 0x4305  # handle, code, flags, data_len, tail_offset, tail_len (see below)
+BC_TRANSACTION: Final = 0x4305  # handle, code, flags, data_len, tail_offset, tail_len, head_offset
 BC_REPLY: Final = 0x4306  # flags, data_len, tail_offset, tail_len: answer the current transaction
 BC_FREE_BUFFER: Final = 0x4307  # offset: the receiver is done with a buffer in its region
 BC_RELEASE: Final = 0x4308  # handle, count: drop `count` references to a handle
@@ -107,7 +145,7 @@ _FIELDS: Final[dict[int, str]] = {
     BC_HELLO_THREAD: "IQ",
     BC_SET_SEND_AREA: "QI",
     BC_ENTER_LOOPER: "",
-    BC_TRANSACTION: "QIIQQQ",
+    BC_TRANSACTION: "QIIQQQQ",
     BC_REPLY: "IQQQ",
     BC_FREE_BUFFER: "Q",
     BC_RELEASE: "QQ",

@@ -40,6 +40,10 @@ class ITest(pybinder.Interface):
     @pybinder.oneway
     def record(self, value: Any) -> None: ...
 
+    @pybinder.oneway
+    def record_slowly(self, value: Any, seconds: float) -> None:
+        """record(value) after sleeping ``seconds``: oneway calls queue behind it."""
+
     @pybinder.method
     def recorded(self) -> list[Any]: ...
 
@@ -119,6 +123,10 @@ class TestService(ITest.Stub):
             value = bytes(value)  # the view is only valid until this method returns
         with self._lock:
             self._recorded.append(value)
+
+    def record_slowly(self, value: Any, seconds: float) -> None:
+        time.sleep(seconds)
+        self.record(value)
 
     def recorded(self) -> list[Any]:
         with self._lock:

@@ -134,7 +134,7 @@ def raw_sender(raw_thread, service):
     encoded.write_into(mapping)
     digest = next(m for m in ITest.METHODS if m.name == "digest").code
     start = protocol.encode(
-        BC_TRANSACTION, service.binder.handle, digest, TF_PARTS, encoded.size, 0, 0
+        BC_TRANSACTION, service.binder.handle, digest, TF_PARTS, encoded.size, 0, 0, 0
     )
     yield sock, start, encoded.size
     mapping.close()
@@ -259,7 +259,7 @@ class RingSender:
         assert answer(sock)[0][0] == BR_OK
         record = next(m for m in ITest.METHODS if m.name == "record").code
         flags = TF_ONE_WAY | TF_PARTS | TF_RING
-        self.opening = protocol.encode(BC_TRANSACTION, handle, record, flags, encoded.size, 0, 0)
+        self.opening = protocol.encode(BC_TRANSACTION, handle, record, flags, encoded.size, 0, 0, 0)
 
     def progress(self) -> int:
         return PROGRESS.unpack_from(self.area, len(self.area) - PROGRESS.size)[0]

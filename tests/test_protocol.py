@@ -100,15 +100,19 @@ def test_transactions_are_checked_against_send_area_and_parcel(cluster, raw_thre
     os.close(fd)
     assert answer(raw_thread)[0][0] == BR_OK
 
-    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 1 << 20, 0, 0))  # past the area
+    raw_thread.send(
+        protocol.encode(BC_TRANSACTION, handle, 1, 0, 1 << 20, 0, 0, 0)
+    )  # past the area
     assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
-    raw_thread.send(protocol.encode(BC_TRANSACTION, 999, 1, 0, 64, 0, 0))  # a handle we never got
+    raw_thread.send(
+        protocol.encode(BC_TRANSACTION, 999, 1, 0, 64, 0, 0, 0)
+    )  # a handle we never got
     assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
     mapping[:64] = b"NOT A PARCEL".ljust(64, b"\0")
-    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 64, 0, 0))  # bad magic
+    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 64, 0, 0, 0))  # bad magic
     failed = answer(raw_thread)[0]
     assert failed[0] == BR_FAILED_REPLY and failed[1] == 7  # ProtocolError
-    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 4096, 0, 1024))  # no loan area
+    raw_thread.send(protocol.encode(BC_TRANSACTION, handle, 1, 0, 4096, 0, 1024, 0))  # no loan area
     assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
     mapping.close()
     assert service.add(20, 22) == 42

@@ -60,6 +60,9 @@ _ANCILLARY: Final = socket.CMSG_SPACE(_MAX_FDS * 4)
 _TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _READABLE: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _HOT_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
+
+#: Commands that wait behind a thread's oneway call that waits for room (Router.hold).
+_HELD_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_PARCEL_READY))
 _STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
 
 
@@ -275,6 +278,7 @@ class Broker:
                 "bytes_copied": router.bytes_copied,
                 "buffer_bytes_copied": router.buffer_bytes_copied,
                 "parcels_in_parts": router.parcels_in_parts,
+                "oneway_batched": router.oneway_batched,
                 "compiled": running_compiled(),
             },
             "processes": processes,
@@ -380,11 +384,16 @@ class Broker:
         try:
             for command in protocol.decode(data):
                 op = command[0]
+                if thread is not None and op in _HELD_COMMANDS and thread.held:
+                    router.hold(thread, command)
+                    continue
                 # The hot commands are unpacked here: a call with *args costs more.
                 if thread is not None and op in _HOT_COMMANDS:
                     if op == BC_TRANSACTION:
-                        _, handle, code, flags, size, tail_offset, tail_len = command
-                        router.transaction(thread, handle, code, flags, size, tail_offset, tail_len)
+                        _, handle, code, flags, size, tail_offset, tail_len, head = command
+                        router.transaction(
+                            thread, handle, code, flags, size, tail_offset, tail_len, head
+                        )
                     elif op == BC_REPLY:
                         _, flags, size, tail_offset, tail_len = command
                         router.reply(thread, flags, size, tail_offset, tail_len)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pybinder.broker.allocator import BufferAllocator
 from pybinder.parcel import HEADER
-from pybinder.protocol import PROGRESS
+from pybinder.protocol import END_WORDS, FAILED_WORD, PROGRESS_WORD, SEND_AREA, SETTLED_WORD
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ class Node:
             with BR_RELEASE_NODE so it can tell stale releases from new sends.
         active: transactions to this node that have not finished.
         async_todo: oneway transactions waiting for the one in flight to finish.
-        async_busy: a oneway transaction to this node is in flight.
+        async_busy: how many transactions of this node's oneway lane are delivered and
+            not yet done (a batch of oneway calls goes to one looper at once).
         oneway_senders: per sending thread, its oneway calls to this node not yet done.
     """
 
@@ -41,7 +42,7 @@ class Node:
     received: int = 0
     active: int = 0
     async_todo: deque[Transaction] = field(default_factory=deque)
-    async_busy: bool = False
+    async_busy: int = 0
     oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
 
     @property
@@ -89,13 +90,27 @@ class SharedArea:
         self.size = len(mapping)
         self.view = memoryview(mapping)
         self.address = buffer_address(mapping)
+        # The settle words and the progress word, each written by one 8-byte store
+        # (struct.pack_into zeroes the bytes first: a poller could read 0 meanwhile).
+        words = self.size - END_WORDS * 8
+        self._words = self.view[words:].cast("q") if words >= 0 else None
 
     def report_progress(self, value: int) -> None:
         """Write the progress word in the area's last bytes (see protocol.TF_RING)."""
-        PROGRESS.pack_into(self.view, self.size - PROGRESS.size, value)
+        if self._words is not None:
+            self._words[PROGRESS_WORD] = value
+
+    def report_settled(self, failed: int, settled: int) -> None:
+        """Write the settle words (see protocol.TF_WINDOW) before the progress word:
+        ``failed`` first, so a sender that sees ``settled`` also sees the failures."""
+        if self._words is not None:
+            self._words[FAILED_WORD] = failed
+            self._words[SETTLED_WORD] = settled
 
     def close(self) -> None:
         self.address = 0
+        if self._words is not None:
+            self._words.release()
         self.view.release()
         self._map.close()
 
@@ -148,6 +163,13 @@ class ThreadRecord:
         is_looper: it entered the looper (BC_ENTER_LOOPER) and takes new work.
         areas: its send area and loan area (indexed by SEND_AREA, LOAN_AREA).
         parts: the parcel it is sending in parts, if any.
+        waiting_oneway: its oneway transaction that waits for room in its target.
+        backlog: transaction commands it sent meanwhile, run in order once that one
+            is copied (its later calls never overtake it).
+        settled, settle_failures: its TF_WINDOW calls settled so far, and how many
+            of them failed (the numbers in its send area's settle words).
+        window_call: the command being run is a TF_WINDOW call (its failure is
+            counted as settled).
     """
 
     def __init__(self, process: ProcessRecord, conn: Connection) -> None:
@@ -160,6 +182,10 @@ class ThreadRecord:
         self.alive = True
         self.areas: list[SharedArea | None] = [None, None]
         self.parts: Parts | None = None
+        self.backlog: list[tuple[int, ...]] = []
+        self.settled = 0
+        self.settle_failures = 0
+        self.window_call = False
 
     @property
     def idle(self) -> bool:
@@ -171,6 +197,21 @@ class ThreadRecord:
             and self.outgoing is None
             and self.waiting_oneway is None
         )
+
+    @property
+    def held(self) -> bool:
+        """Whether its next transaction command must wait (see ``Router.hold``)."""
+        return self.waiting_oneway is not None or bool(self.backlog)
+
+    def settle(self, failed: bool) -> None:
+        """Count a TF_WINDOW call of this thread as settled (copied, or ``failed``)
+        in its send area's settle words: its sender waits for them, not for a
+        BR_TRANSACTION_COMPLETE."""
+        self.settled += 1
+        self.settle_failures += failed
+        send = self.areas[SEND_AREA]
+        if send is not None:
+            send.report_settled(self.settle_failures, self.settled)
 
     def set_area(self, which: int, mapping: mmap.mmap) -> None:
         """Replace this thread's send area or loan area."""
@@ -185,20 +226,23 @@ class ThreadRecord:
                 area.close()
         self.areas = [None, None]
 
-    def parcel_fits(self, size: int, tail_offset: int, tail_len: int) -> bool:
-        """Whether a parcel of ``size`` bytes, the last ``tail_len`` of them from the
-        loan area at ``tail_offset``, lies inside this thread's areas."""
+    def parcel_fits(self, size: int, tail_offset: int, tail_len: int, head_offset: int = 0) -> bool:
+        """Whether a parcel of ``size`` bytes, the first ``size - tail_len`` of them
+        from the send area at ``head_offset`` and the rest from the loan area at
+        ``tail_offset``, lies inside this thread's areas."""
         send, loan = self.areas
         head = size - tail_len
-        if send is None or not HEADER.size <= head <= send.size:
+        if send is None or not HEADER.size <= head or head_offset + head > send.size:
             return False
         return not tail_len or (loan is not None and tail_offset + tail_len <= loan.size)
 
-    def parcel_bytes(self, size: int, tail_offset: int, tail_len: int) -> bytes:
+    def parcel_bytes(
+        self, size: int, tail_offset: int, tail_len: int, head_offset: int = 0
+    ) -> bytes:
         """A private copy of a parcel that :meth:`parcel_fits` accepted."""
         send, loan = self.areas
         assert send is not None
-        head = bytes(send.view[: size - tail_len])
+        head = bytes(send.view[head_offset : head_offset + size - tail_len])
         if not tail_len:
             return head
         assert loan is not None

@@ -25,7 +25,6 @@ from pybinder.errors import (
     UnknownTransactionError,
 )
 from pybinder.protocol import (
-    BR_TRANSACTION_COMPLETE,
     REPLY_BINDER_ERROR,
     REPLY_EXCEPTION,
     REPLY_OK,
@@ -94,7 +93,7 @@ class ServiceManager:
         """Handle one transaction to handle 0 whose parcel is ``data`` (a private copy)."""
         oneway = bool(flags & TF_ONE_WAY)
         if oneway:
-            self._router.send(thread, protocol.encode(BR_TRANSACTION_COMPLETE))
+            self._router.acknowledge_oneway(thread)
         try:
             result = self._call(thread, code, data)
             body: list[Any] = [REPLY_OK, result]

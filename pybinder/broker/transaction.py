@@ -43,6 +43,8 @@ from pybinder.parcel import (
 )
 from pybinder.parcel import encode as encode_parcel
 from pybinder.protocol import (
+    BC_REPLY,
+    BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
@@ -50,6 +52,7 @@ from pybinder.protocol import (
     BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
+    MAX_BACKLOG,
     PARTS_RING,
     PROGRESS,
     SEND_AREA,
@@ -57,6 +60,7 @@ from pybinder.protocol import (
     TF_ONE_WAY,
     TF_PARTS,
     TF_RING,
+    TF_WINDOW,
     WRITE_WHOLE,
 )
 
@@ -68,6 +72,11 @@ if TYPE_CHECKING:
 log: Final = logging.getLogger("pybinder.broker")
 
 _BR_TRANSACTION: Final = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
+
+#: The most queued oneway calls of one node's lane delivered to a looper in one
+#: message (48 bytes each; a message holds at most MAX_MESSAGE): a stream's receiver
+#: then wakes once per batch instead of once per call.
+MAX_BATCH: Final = 32
 _BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 
 #: Copies of at least this many bytes are split over two threads.
@@ -84,6 +93,7 @@ SMALL_COPY: Final = 2048
 RING_IS_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64")
 
 _PARTS_FLAGS: Final = TF_PARTS | TF_RING
+_PARTS_OR_ONEWAY: Final = TF_PARTS | TF_ONE_WAY
 
 Sender = Callable[["Connection", bytes], None]
 
@@ -100,18 +110,22 @@ class Transaction:
             routing nested calls back along the chain.
         origin: the sending thread, kept for ordering after ``from_thread`` is cleared.
         tail_offset, tail_len: where the parcel's tail lies in the sender's loan area.
+        head_offset: where the rest lies in the sender's send area.
         oneway: TF_ONE_WAY is set.
         buffer: the target's copy, once made.
         to_thread: the thread handling it, once delivered.
         in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
             call, and a two-way call sent behind oneway calls of the same thread.
+        batch: the oneway calls of its lane handed to the same looper with it.
     """
 
     __slots__ = (
+        "batch",
         "buffer",
         "code",
         "flags",
         "from_thread",
+        "head_offset",
         "in_async_lane",
         "node",
         "oneway",
@@ -136,6 +150,7 @@ class Transaction:
         parent: Transaction | None,
         tail_offset: int,
         tail_len: int,
+        head_offset: int = 0,
     ) -> None:
         process = from_thread.process
         self.node = node
@@ -150,10 +165,12 @@ class Transaction:
         self.parent = parent
         self.tail_offset = tail_offset
         self.tail_len = tail_len
+        self.head_offset = head_offset
         self.oneway = bool(flags & TF_ONE_WAY)
         self.in_async_lane = self.oneway
         self.buffer: Buffer | None = None
         self.to_thread: ThreadRecord | None = None
+        self.batch: list[Transaction] | None = None
 
     @property
     def target(self) -> ProcessRecord:
@@ -174,6 +191,7 @@ class Router:
         self.transactions = 0
         self.bytes_copied = 0
         self.buffer_bytes_copied = 0
+        self.oneway_batched = 0  # oneway calls handed over in a batch behind another
         self.parcels_in_parts = 0  # copied part by part while their senders wrote them
 
     # -- messages out -------------------------------------------------------------
@@ -193,11 +211,29 @@ class Router:
             for chunk in protocol.batch(pending):
                 self._send(thread.conn, chunk)
 
+    def acknowledge_oneway(self, thread: ThreadRecord) -> None:
+        """Tell ``thread`` its oneway call is copied (binder's BR_TRANSACTION_COMPLETE),
+        or count it as settled in its settle words if it came in a window."""
+        if thread.window_call:
+            thread.settle(False)
+        else:
+            self.send(thread, protocol.encode(BR_TRANSACTION_COMPLETE))
+
     def fail(self, thread: ThreadRecord, error: BinderError, size: int = 0, limit: int = 0) -> None:
-        """Answer a transaction with BR_FAILED_REPLY carrying ``error``'s code."""
+        """Answer a transaction with BR_FAILED_REPLY carrying ``error``'s code (and
+        count a windowed call as settled, failed)."""
         log.debug("transaction from pid %d failed: %s", thread.process.pid, error)
         code = CODE_OF_ERROR.get(type(error), 1)
         self.send(thread, protocol.encode(BR_FAILED_REPLY, code, size, limit))
+        if thread.window_call:
+            thread.settle(True)
+
+    def _dead_reply_to(self, thread: ThreadRecord) -> None:
+        """Tell ``thread`` its call's target has died (and count a windowed call as
+        settled, failed)."""
+        self.send(thread, protocol.encode(BR_DEAD_REPLY))
+        if thread.window_call:
+            thread.settle(True)
 
     def protocol_error(self, thread: ThreadRecord, error: ProtocolError) -> None:
         """Answer a bad command with BR_ERROR; the thread raises it in its caller."""
@@ -224,10 +260,12 @@ class Router:
         size: int,
         tail_offset: int = 0,
         tail_len: int = 0,
+        head_offset: int = 0,
         prefilled: Buffer | None = None,
     ) -> None:
         """Start a transaction to ``handle`` whose parcel of ``size`` bytes is in
-        ``thread``'s send area (and its last ``tail_len`` bytes in its loan area).
+        ``thread``'s send area from ``head_offset`` (and its last ``tail_len`` bytes
+        in its loan area).
 
         With TF_PARTS the parcel is still being written: see :meth:`parcel_ready`.
         ``prefilled`` is the target's buffer that already holds the parcel's copy.
@@ -236,15 +274,35 @@ class Router:
             self._begin_parts(thread, handle, code, flags & ~_PARTS_FLAGS, size, tail_len)
             self._choose_layout(thread, bool(flags & TF_RING))
             return
+        thread.window_call = bool(flags & TF_WINDOW) and flags & _PARTS_OR_ONEWAY == TF_ONE_WAY
+        try:
+            self._transaction(
+                thread, handle, code, flags, size, tail_offset, tail_len, head_offset, prefilled
+            )
+        finally:
+            thread.window_call = False
+
+    def _transaction(
+        self,
+        thread: ThreadRecord,
+        handle: int,
+        code: int,
+        flags: int,
+        size: int,
+        tail_offset: int,
+        tail_len: int,
+        head_offset: int,
+        prefilled: Buffer | None,
+    ) -> None:
         process = thread.process
         process.transactions_sent += 1
         self.transactions += 1
-        if not thread.parcel_fits(size, tail_offset, tail_len):
+        if not thread.parcel_fits(size, tail_offset, tail_len, head_offset):
             self.fail(thread, ProtocolError(), size, 0)
             return
         if handle == SERVICE_MANAGER_HANDLE:
             assert self.service_manager is not None
-            data = thread.parcel_bytes(size, tail_offset, tail_len)
+            data = thread.parcel_bytes(size, tail_offset, tail_len, head_offset)
             self.service_manager.transact(thread, code, flags, data)
             return
         ref = process.refs.get(handle)
@@ -252,10 +310,12 @@ class Router:
             self.fail(thread, ProtocolError(), handle, 0)
             return
         if ref.node.dead:
-            self.send(thread, protocol.encode(BR_DEAD_REPLY))
+            self._dead_reply_to(thread)
             return
         parent = thread.incoming[-1] if thread.incoming else None
-        txn = Transaction(ref.node, code, flags, size, thread, parent, tail_offset, tail_len)
+        txn = Transaction(
+            ref.node, code, flags, size, thread, parent, tail_offset, tail_len, head_offset
+        )
         txn.buffer = prefilled
         if txn.oneway:
             self._start_oneway(txn)
@@ -267,9 +327,7 @@ class Router:
         assert thread is not None
         target = txn.target
         try:
-            txn.buffer = self._copy(
-                thread, target, txn.size, False, txn.tail_offset, txn.tail_len, txn.buffer
-            )
+            txn.buffer = self._copy_transaction(txn, thread, False)
         except BinderError as exc:
             self.fail(thread, exc, txn.size, _limit_of(exc))
             return
@@ -307,9 +365,7 @@ class Router:
         thread = txn.from_thread
         assert thread is not None
         try:
-            buffer = self._copy(
-                thread, txn.target, txn.size, True, txn.tail_offset, txn.tail_len, txn.buffer
-            )
+            buffer = self._copy_transaction(txn, thread, True)
         except TransactionTooLargeError:
             return False
         except BinderError as exc:
@@ -317,7 +373,7 @@ class Router:
             return True
         txn.buffer = buffer
         txn.from_thread = None  # nobody waits for a oneway reply
-        self.send(thread, protocol.encode(BR_TRANSACTION_COMPLETE))
+        self.acknowledge_oneway(thread)
         self._deliver(txn)
         return True
 
@@ -330,10 +386,51 @@ class Router:
             if sender is None or not sender.alive:
                 waiters.popleft()
                 continue
-            if not self._try_copy_oneway(txn):
+            sender.window_call = bool(txn.flags & TF_WINDOW)
+            try:
+                copied = self._try_copy_oneway(txn)
+            finally:
+                sender.window_call = False
+            if not copied:
                 return
             waiters.popleft()
             sender.waiting_oneway = None
+            if sender.backlog:
+                self.run_backlog(sender)
+
+    # -- a thread's commands held behind its waiting oneway call -----------------------
+
+    def hold(self, thread: ThreadRecord, command: tuple[int, ...]) -> None:
+        """Keep a transaction command of a thread whose oneway call waits for room
+        (``thread.waiting_oneway``), or which has commands kept already, to run in
+        order once that call is copied: a sender with a window of oneway calls sends
+        on before the broker acknowledges the first, and its calls keep their order.
+
+        A thread that has :data:`~pybinder.protocol.MAX_BACKLOG` commands kept gets a
+        protocol error for the next, which is dropped.
+        """
+        if len(thread.backlog) >= MAX_BACKLOG:
+            self.protocol_error(thread, ProtocolError("too many commands behind a waiting call"))
+            return
+        thread.backlog.append(command)
+
+    def run_backlog(self, thread: ThreadRecord) -> None:
+        """Run the commands :meth:`hold` kept for ``thread``, in order, until one of
+        them waits for room again."""
+        backlog = thread.backlog
+        while backlog and thread.waiting_oneway is None and thread.alive:
+            command = backlog.pop(0)
+            op = command[0]
+            if op == BC_TRANSACTION:
+                _, handle, code, flags, size, tail_offset, tail_len, head_offset = command
+                self.transaction(
+                    thread, handle, code, flags, size, tail_offset, tail_len, head_offset
+                )
+            elif op == BC_REPLY:
+                _, flags, size, tail_offset, tail_len = command
+                self.reply(thread, flags, size, tail_offset, tail_len)
+            else:
+                self.parcel_ready(thread, command[1])
 
     # -- parcels sent in parts (TF_PARTS) --------------------------------------------
 
@@ -481,6 +578,19 @@ class Router:
 
     # -- the one copy and object translation ---------------------------------------
 
+    def _copy_transaction(self, txn: Transaction, sender: ThreadRecord, is_async: bool) -> Buffer:
+        """:meth:`_copy` for a transaction's parcel."""
+        return self._copy(
+            sender,
+            txn.target,
+            txn.size,
+            is_async,
+            txn.tail_offset,
+            txn.tail_len,
+            txn.buffer,
+            txn.head_offset,
+        )
+
     def _copy(
         self,
         sender: ThreadRecord,
@@ -490,12 +600,13 @@ class Router:
         tail_offset: int = 0,
         tail_len: int = 0,
         filled: Buffer | None = None,
+        head_offset: int = 0,
     ) -> Buffer:
         """Copy a parcel from ``sender``'s areas into a new buffer of ``target``, and
         check and translate the copy.
 
-        The parcel is ``size - tail_len`` bytes of the send area followed by
-        ``tail_len`` bytes of the loan area at ``tail_offset``, which
+        The parcel is ``size - tail_len`` bytes of the send area from ``head_offset``
+        followed by ``tail_len`` bytes of the loan area at ``tail_offset``, which
         :meth:`ThreadRecord.parcel_fits` has checked. A ``filled`` buffer already
         holds the copy (a parcel sent in parts): it is only checked.
 
@@ -512,7 +623,7 @@ class Router:
             buffer = target.allocate(size, is_async)
             if buffer is None:
                 raise _too_large(target, size, is_async)
-            self._fill(sender, region, buffer.offset, size, tail_offset, tail_len)
+            self._fill(sender, region, buffer.offset, size, tail_offset, tail_len, head_offset)
         start = buffer.offset
         dest = region.view[start : start + size]
         try:
@@ -538,15 +649,16 @@ class Router:
         size: int,
         tail_offset: int,
         tail_len: int,
+        head_offset: int,
     ) -> None:
         """The one copy: the parcel from ``sender``'s areas to ``region`` at ``start``."""
         send, loan = sender.areas
         assert send is not None
         if size < SMALL_COPY and not tail_len:
-            region.view[start : start + size] = send.view[:size]
+            region.view[start : start + size] = send.view[head_offset : head_offset + size]
             return
         head = size - tail_len
-        copy_bytes(region.address + start, send.address, head)
+        copy_bytes(region.address + start, send.address + head_offset, head)
         if tail_len:
             assert loan is not None
             copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len)
@@ -621,7 +733,8 @@ class Router:
         elif txn.in_async_lane and node.async_busy:
             node.async_todo.append(txn)
         else:
-            node.async_busy = node.async_busy or txn.in_async_lane
+            if txn.in_async_lane:
+                node.async_busy = 1
             target = node.owner
             looper = None if target.todo else target.idle_looper()
             if looper is not None:  # nothing queued ahead of it: skip the queue
@@ -643,13 +756,28 @@ class Router:
                 self.flush_notifications(looper)
 
     def _start_on(self, thread: ThreadRecord, txn: Transaction) -> None:
+        """Hand ``txn`` (and the batch of oneway calls behind it) to ``thread``."""
+        batch = txn.batch
+        if batch is None:
+            message = self._handed(thread, txn)
+            thread.incoming.append(txn)
+        else:
+            txn.batch = None
+            self.oneway_batched += len(batch)
+            message = b"".join([self._handed(thread, one) for one in [txn, *batch]])
+            # Answered first to last: each BC_REPLY finishes the innermost (last) one.
+            thread.incoming.extend(reversed(batch))
+            thread.incoming.append(txn)
+        self.send(thread, message)
+
+    def _handed(self, thread: ThreadRecord, txn: Transaction) -> bytes:
+        """Record ``txn`` as ``thread``'s; its BR_TRANSACTION."""
         buffer = txn.buffer
         assert buffer is not None
         txn.to_thread = thread
         buffer.thread = thread
-        thread.incoming.append(txn)
         txn.target.transactions_received += 1
-        message = _BR_TRANSACTION.pack(
+        return _BR_TRANSACTION.pack(
             BR_TRANSACTION,
             txn.node.local_id,
             txn.code,
@@ -660,7 +788,6 @@ class Router:
             txn.sender_uid,
             txn.sender_gid,
         )
-        self.send(thread, message)
 
     # -- BC_REPLY ------------------------------------------------------------------
 
@@ -754,18 +881,30 @@ class Router:
             if left > 0:
                 node.oneway_senders[txn.origin] = left
         if txn.in_async_lane:
-            self._next_async(node)
+            node.async_busy -= 1
+            if not node.async_busy:
+                self._next_async(node)
         if not node.holders:
             self.maybe_release(node)
 
     def _next_async(self, node: Node) -> None:
-        """The call in ``node``'s oneway lane ended; queue the next one."""
-        node.async_busy = False
-        if node.async_todo and not node.dead:
-            txn = node.async_todo.popleft()
-            node.async_busy = True
-            txn.target.todo.append(txn)
-            self.dispatch(txn.target)
+        """The calls in ``node``'s oneway lane ended; queue the next one, and with a
+        oneway call the oneway calls queued behind it (up to :data:`MAX_BATCH` in
+        all), to go to one looper in one message and run there in order. Binder hands
+        a node's async work over one transaction at a time; a batch keeps the same
+        order and one-at-a-time execution, with one wake-up of the receiver."""
+        todo = node.async_todo
+        if not todo or node.dead:
+            return
+        txn = todo.popleft()
+        if txn.oneway and todo and todo[0].oneway:
+            batch: list[Transaction] = []
+            while todo and todo[0].oneway and len(batch) < MAX_BATCH - 1:
+                batch.append(todo.popleft())
+            txn.batch = batch
+        node.async_busy = 1 + (len(txn.batch) if txn.batch is not None else 0)
+        txn.target.todo.append(txn)
+        self.dispatch(txn.target)
 
     # -- BC_FREE_BUFFER, BC_RELEASE, BC_ENTER_LOOPER --------------------------------
 
@@ -832,6 +971,7 @@ class Router:
         if thread.outgoing is not None:
             thread.outgoing.from_thread = None
             thread.outgoing = None
+        thread.backlog.clear()
         if thread.waiting_oneway is not None:
             waiting = thread.waiting_oneway
             thread.waiting_oneway = None
@@ -876,7 +1016,11 @@ class Router:
             sender = txn.from_thread
             if sender is not None and sender.waiting_oneway is txn:
                 sender.waiting_oneway = None
-                self.send(sender, protocol.encode(BR_DEAD_REPLY))
+                sender.window_call = bool(txn.flags & TF_WINDOW)
+                self._dead_reply_to(sender)
+                sender.window_call = False
+                if sender.backlog:
+                    self.run_backlog(sender)
         if self.service_manager is not None:
             self.service_manager.forget_process(process)
         for ref in list(process.refs.values()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -43,6 +44,16 @@ CLOSE_TIMEOUT = 5.0
 #: (``$PYBINDER_SPIN_US``); within it, twice the thread's recent typical wait.
 DEFAULT_SPIN_US = 200.0
 
+#: The most oneway calls a thread has sent and not yet seen copied by the broker
+#: (``$PYBINDER_ONEWAY_WINDOW``); 1: each oneway call waits for its copy, as Binder's.
+DEFAULT_ONEWAY_WINDOW = 16
+
+#: The largest oneway window a process may ask for: fewer calls than the broker holds
+#: behind one that waits for room (protocol.MAX_BACKLOG).
+MAX_ONEWAY_WINDOW = 48
+
+log = logging.getLogger("pybinder")
+
 _live_states: weakref.WeakSet[ProcessState] = weakref.WeakSet()
 
 
@@ -69,6 +80,16 @@ class ProcessState:
             thread. A reply that comes while it polls costs no wake-up. A looper
             that has just answered a two-way call polls up to ``spin_us`` for the
             next call (one looper per process at a time).
+        oneway_window: how many oneway calls a thread may have in flight, sent and
+            not yet copied by the broker (None: ``$PYBINDER_ONEWAY_WINDOW`` or 16; at
+            most 48). A oneway call of up to 256 KiB without a loan then returns as
+            soon as it is written and sent, and this thread writes the next while the
+            broker copies the last, which hands the calls queued for a receiver to it
+            in batches; a failure (dead target, no room, malformed) is raised by the
+            thread's next call or by :meth:`flush_oneway`, naming the failure. With 1,
+            a oneway call returns once the broker has copied it into the target's
+            region (or queued it for room there), as Binder's, and raises its own
+            failure. Calls keep their order either way.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
@@ -86,11 +107,15 @@ class ProcessState:
         *,
         region_size: int | None = None,
         spin_us: float | None = None,
+        oneway_window: int | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         if spin_us is None:
             spin_us = float(os.environ.get("PYBINDER_SPIN_US", DEFAULT_SPIN_US))
         self.spin_seconds = max(0.0, spin_us) / 1e6
+        if oneway_window is None:
+            oneway_window = int(os.environ.get("PYBINDER_ONEWAY_WINDOW", DEFAULT_ONEWAY_WINDOW))
+        self.oneway_window = min(max(1, oneway_window), MAX_ONEWAY_WINDOW)
         self.closed = False
         self._forked = False
         self._pid = os.getpid()
@@ -219,7 +244,9 @@ class ProcessState:
         """The broker's status: ``{"broker": {...}, "processes": [...], "services": {...}}``.
 
         Byte counts include ``bytes_copied`` (every parcel byte the broker copied) and
-        ``buffer_bytes_copied`` (the out-of-band payload bytes among them).
+        ``buffer_bytes_copied`` (the out-of-band payload bytes among them);
+        ``oneway_batched`` counts oneway calls handed to a looper in one message
+        behind an earlier one.
         """
         return dict(self.service_manager.status())
 
@@ -364,6 +391,28 @@ class ProcessState:
 
     # -- closing ----------------------------------------------------------------------
 
+    def flush_oneway(self) -> None:
+        """Wait until the broker has copied every oneway call this thread sent in the
+        window (see ``oneway_window``), and raise the first failure among them.
+
+        Raises:
+            DeadObjectError, TransactionTooLargeError, ProtocolError: an earlier
+                oneway call of this thread failed.
+            BrokerUnavailableError: the broker went away.
+        """
+        state: ThreadState | None = getattr(self._local, "state", None)
+        if state is not None and not self.closed:
+            state.flush_oneway()
+
+    def _flush_before_close(self) -> None:
+        """Let this thread's windowed oneway calls reach the broker's copy before the
+        connection closes (one still waiting for room would be dropped), and log a
+        failure among them, which no later call will raise."""
+        try:
+            self.flush_oneway()
+        except BinderError as exc:
+            log.warning("%s", exc)
+
     def close(self) -> None:
         """Leave the broker: stop loopers, close every connection, unmap the region.
 
@@ -372,6 +421,7 @@ class ProcessState:
         """
         if self.closed:
             return
+        self._flush_before_close()
         self.closed = True
         for state in list(self._thread_states):
             state.close()
@@ -420,10 +470,13 @@ def connect(
     *,
     region_size: int | None = None,
     spin_us: float | None = None,
+    oneway_window: int | None = None,
 ) -> ProcessState:
     """Join the broker as a process; see :class:`ProcessState`.
 
     Raises:
         BrokerUnavailableError: no broker answers on the socket.
     """
-    return ProcessState(socket_path, region_size=region_size, spin_us=spin_us)
+    return ProcessState(
+        socket_path, region_size=region_size, spin_us=spin_us, oneway_window=oneway_window
+    )

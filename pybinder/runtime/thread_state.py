@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
@@ -45,14 +46,20 @@ from pybinder.protocol import (
     BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
+    END_WORDS,
+    FAILED_WORD,
     MAX_MESSAGE,
     PARTS_RING,
-    PROGRESS,
+    PROGRESS_WORD,
     PROTOCOL_VERSION,
     REPLY_EXCEPTION,
+    SERVICE_MANAGER_HANDLE,
+    SETTLED_WORD,
     TF_ONE_WAY,
     TF_PARTS,
     TF_RING,
+    TF_WINDOW,
+    WINDOW_RING,
 )
 from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
@@ -89,6 +96,9 @@ SHARED_CPU_YIELD = 10e-6
 #: The most calls a looper lets pass without polling after its polls kept missing.
 MAX_LOOPER_SKIP = 64
 
+#: Bytes at the end of a send area for the settle words and the progress word.
+_WORDS_ROOM = 64
+
 #: Parcels of at least this many bytes (without a loan) are sent in parts (TF_PARTS).
 PARTS_MIN = 2 * 1024 * 1024
 
@@ -100,6 +110,10 @@ PART_SIZE = PARTS_RING // 2
 #: A thread waiting for the broker to copy a part out of its ring checks, after this
 #: long (s), that the broker is still there, and from then on sleeps between checks.
 RING_PATIENCE = 1e-3
+
+#: How long (s) a closing thread waits for the broker to copy its windowed calls.
+WINDOW_DRAIN_TIMEOUT = 5.0
+
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
 
 _identity = threading.local()
@@ -136,15 +150,28 @@ class ThreadState:
         self._sock = process.open_connection()
         self._send_map: mmap.mmap | None = None
         self._send_view: memoryview | None = None
+        self._send_words: memoryview | None = None  # its END_WORDS i64s (see protocol)
         self._loan_map: mmap.mmap | None = None
         self._loan_view: memoryview | None = None
         self._loan_address = 0
         self._typical_wait = process.spin_seconds / 4  # seconds; see _observe_wait
         self._spin = max(min(MIN_SPIN, process.spin_seconds), process.spin_seconds / 2)  # s
         self._deferred = b""
+        self._outbox = b""  # answers to the oneway calls of the message being served
+        self._serving = False  # a looper is running the commands of one message
         self._poll_timed_out = False  # whether the last _recv_spinning polled its whole spin
         self._looper_backoff = 0  # calls a looper skips polling after its next missed poll
         self._looper_skip = 0  # calls left before a looper polls again
+        self._window = process.oneway_window  # windowed oneway calls at most in flight
+        # The window ring: WINDOW_RING, or less if the broker allows smaller parcels.
+        # Oneway parcels of up to a quarter of it (without a loan) go in the window;
+        # larger ones stream fast enough one at a time (their copy dominates).
+        self._window_ring = min(WINDOW_RING, (process.max_parcel - _WORDS_ROOM) & ~63)
+        self._in_window: deque[tuple[int, int]] = deque()  # (start, end) in the ring, each
+        self._window_head = 0  # where in the window ring the next call may start
+        self._settled = 0  # this thread's windowed calls the broker has settled, seen
+        self._failed = 0  # how many of those failed, seen
+        self._late_error: BinderError | None = None  # the first failed windowed call's
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -161,20 +188,39 @@ class ThreadState:
         """Send a transaction; wait for its reply ``(offset, size)`` in this process's
         region, or for the oneway acknowledgement (None).
 
+        A oneway call goes in the window (see :meth:`_send_in_window`) when the
+        process has one, the parcel is at most a quarter of the window ring (256 KiB)
+        and has no loaned tail, and this thread is not running a call; any other call
+        first waits until the broker has copied the windowed calls before it
+        (:meth:`flush_oneway`).
+
         Raises:
-            DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError.
+            DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError;
+            also for an earlier windowed oneway call (see :meth:`flush_oneway`).
         """
         tail_offset, tail_len = self._find_loaned(encoded)
+        if (
+            flags & TF_ONE_WAY
+            and self._window > 1
+            and not tail_len
+            and encoded.size <= self._window_ring // 4
+            and handle != SERVICE_MANAGER_HANDLE
+            and not getattr(_identity, "stack", None)
+        ):
+            self._send_in_window(handle, code, encoded, flags)
+            return None
+        if self._in_window or self._late_error is not None:
+            self.flush_oneway()
         if _goes_in_parts(encoded, tail_len):
             self._send_in_parts(
                 encoded,
                 lambda size, parts_flags: _pack_transaction(
-                    BC_TRANSACTION, handle, code, flags | parts_flags, size, 0, 0
+                    BC_TRANSACTION, handle, code, flags | parts_flags, size, 0, 0, 0
                 ),
             )
         else:
             placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
-            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed))
+            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0))
         started = time.perf_counter()
         outcome = self._wait_for(_OUTCOMES, self._spin)
         self._observe_wait(time.perf_counter() - started)
@@ -186,6 +232,125 @@ class ThreadState:
         if op == BR_DEAD_REPLY:
             raise DeadObjectError(f"the process behind handle {handle} has died")
         raise _failure(outcome[1], outcome[2], outcome[3])
+
+    # -- the oneway window ------------------------------------------------------------
+
+    def _send_in_window(
+        self, handle: int, code: int, encoded: parcel.EncodedParcel, flags: int
+    ) -> None:
+        """Send a oneway call without waiting for the broker to copy it (TF_WINDOW).
+
+        The call is written in the window ring (the first :data:`WINDOW_RING` bytes of
+        the send area) after the calls still in flight, and BC_TRANSACTION's
+        head_offset says where. The broker acknowledges it not by a message but in the
+        send area's settle words; this thread writes over a call, or sends more than
+        ``oneway_window`` at once, only once the words say the broker has copied it.
+        So a stream of oneway calls costs one message per call, and the broker hands
+        the calls queued meanwhile to the receiver in batches. The broker keeps them
+        in order, and behind one that waits for room in the receiver.
+
+        Raises:
+            BinderError: the first failure of an earlier windowed call, not yet
+                raised (this call is then not sent).
+        """
+        area = self._send_view
+        ring = self._window_ring
+        if area is None or len(area) < ring + _WORDS_ROOM:
+            self._settle_all()  # a new area replaces the one the broker copies from
+            area = self._send_area(ring + _WORDS_ROOM)
+        size = encoded.size
+        at = self._window_start(size)
+        self._raise_late_error()
+        if not self._in_window:
+            # Nothing in flight, so the broker is not writing the settle words; a
+            # parcel sent whole since may have overwritten them.
+            words = self._send_words
+            assert words is not None
+            words[FAILED_WORD] = self._failed
+            words[SETTLED_WORD] = self._settled
+        encoded.write_into(area[at : at + size])
+        self._send(
+            _pack_transaction(BC_TRANSACTION, handle, code, flags | TF_WINDOW, size, 0, 0, at)
+        )
+        end = at + size
+        self._in_window.append((at, end))
+        self._window_head = (end + 63) & ~63
+
+    def _window_start(self, size: int) -> int:
+        """Where a windowed call of ``size`` bytes goes: after the calls in flight,
+        or at the ring's start if it does not fit before the end. Waits until the
+        bytes are free and fewer than ``oneway_window`` calls are in flight."""
+        pending = self._in_window
+        while True:
+            if not pending:
+                return 0
+            if len(pending) < self._window:
+                head, tail = self._window_head, pending[0][0]
+                if head > tail:  # in flight: [tail, head); free: the rest
+                    if head + size <= self._window_ring:
+                        return head
+                    if size <= tail:
+                        return 0
+                elif head + size <= tail:  # wrapped: free [head, tail) only
+                    return head
+            self._settle_oldest()
+
+    def flush_oneway(self) -> None:
+        """Wait until the broker has copied every oneway call this thread sent in the
+        window (into its target's region, or into the queue for room there), and
+        raise the first failure among them.
+
+        A windowed call's failure (its target died, it cannot fit the target's
+        async space, it was malformed) comes after the call returned; it is raised
+        by the thread's next call, or here.
+
+        Raises:
+            DeadObjectError, TransactionTooLargeError, ProtocolError: the earliest
+                windowed call that failed.
+            BrokerUnavailableError: the broker went away.
+        """
+        self._settle_all()
+        self._raise_late_error()
+
+    def _settle_all(self) -> None:
+        while self._in_window:
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        """Wait until the broker has settled the oldest windowed call in flight; keep
+        a failure among those settled meanwhile for :meth:`_raise_late_error`."""
+        words = self._send_words
+        assert words is not None
+        settled = self._wait_for_word(SETTLED_WORD, self._settled + 1)
+        failed = words[FAILED_WORD]  # written before the settled word
+        for _ in range(min(settled - self._settled, len(self._in_window))):
+            self._in_window.popleft()
+        self._settled = settled
+        if not self._in_window:
+            self._window_head = 0
+        while self._failed < failed:  # each failure's message came before the words
+            self._failed += 1
+            self._keep_late_error(self._wait_for(_OUTCOMES, self._spin))
+
+    def _keep_late_error(self, outcome: tuple[int, ...]) -> None:
+        op = outcome[0]
+        if op == BR_REPLY:  # not an answer to a oneway call: the broker is confused
+            self.free_buffer(outcome[1], outcome[2])
+            error: BinderError = ProtocolError("a reply to a oneway call")
+        elif op == BR_DEAD_REPLY:
+            error = DeadObjectError("its target has died")
+        elif op == BR_TRANSACTION_COMPLETE:
+            error = ProtocolError("an acknowledgement of a windowed oneway call")
+        else:
+            error = _failure(outcome[1], outcome[2], outcome[3])
+        if self._late_error is None:
+            error.args = (f"an earlier oneway call on this thread failed: {error}",)
+            self._late_error = error
+
+    def _raise_late_error(self) -> None:
+        error, self._late_error = self._late_error, None
+        if error is not None:
+            raise error
 
     def free_buffer(self, offset: int, size: int) -> None:
         """Give a reply buffer of ``size`` bytes back to the broker (BC_FREE_BUFFER).
@@ -210,6 +375,9 @@ class ThreadState:
         poller per process at most, because several starve the broker when they share
         its CPU; none after oneway calls, which come in streams that keep the broker
         busy copying.
+
+        The broker may hand over several queued oneway calls in one message (a
+        batch); they run in order, and one message answers them all.
         """
         self._send(protocol.encode(BC_ENTER_LOOPER))
         process = self._process
@@ -222,6 +390,7 @@ class ThreadState:
                     return
                 raise
             answered_call = False
+            self._serving = True
             try:
                 for command in protocol.decode(message):
                     self._handle(command)
@@ -229,6 +398,10 @@ class ThreadState:
                         answered_call = True
             except BinderError as exc:
                 log.error("looper %s: %s", threading.current_thread().name, exc)
+            finally:
+                self._serving = False
+            if self._outbox:
+                self._send(b"")
 
     def _next_work(self, answered_call: bool) -> bytes:
         """A looper's next message: polled for after a two-way call (see
@@ -302,7 +475,11 @@ class ThreadState:
         if oneway:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
-            self._send(free + _ONEWAY_DONE)
+            done = free + _ONEWAY_DONE
+            if self._serving:  # a batch: one message answers all its calls
+                self._outbox += done
+            else:
+                self._send(done)
         elif placed is None:  # the reply has gone in parts
             self._send(free)
         elif size <= DEFERRED_FREE_LIMIT:
@@ -369,45 +546,47 @@ class ThreadState:
         size, tail = encoded.size, buffers[largest]
         ring = (
             encoded.head_size + PART_SIZE <= PARTS_RING
-            and size + PROGRESS.size <= self._process.max_parcel
+            and size + END_WORDS * 8 <= self._process.max_parcel
         )
-        area = self._send_area(size + PROGRESS.size if ring else size)
-        progress_at = len(area) - PROGRESS.size
+        area = self._send_area(size + END_WORDS * 8 if ring else size)
         if ring:
-            PROGRESS.pack_into(area, progress_at, 0)  # the broker reports from here on
+            words = self._send_words
+            assert words is not None
+            words[PROGRESS_WORD] = 0  # the broker reports from here on
         written = head = encoded.write_into(area)
         command = opening(size, TF_PARTS | TF_RING if ring else TF_PARTS)
         while written < size:
             end = min(size, (written // PART_SIZE + 1) * PART_SIZE)
             if ring and end > PARTS_RING:
-                ring = self._wait_for_ring(area, progress_at, end - PARTS_RING)
+                ring = self._wait_for_word(PROGRESS_WORD, end - PARTS_RING) >= 0
             at = written % PARTS_RING if ring else written
             area[at : at + end - written] = tail[written - head : end - head]
             written = end
             self._send(command + _pack_ready(BC_PARCEL_READY, written))
             command = b""
 
-    def _wait_for_ring(self, area: memoryview, progress_at: int, needed: int) -> bool:
-        """Wait until the broker reports at least ``needed`` bytes of the parcel copied
-        (True), or tells this thread to write the parcel whole (False).
+    def _wait_for_word(self, word: int, needed: int) -> int:
+        """Wait until the send area's ``word`` (PROGRESS_WORD: bytes of the parcel in
+        parts the broker has copied; SETTLED_WORD: windowed calls it has settled) is
+        at least ``needed``, or negative (WRITE_WHOLE: write the parcel whole), and
+        return it.
 
-        Polls the progress word and yields the CPU between polls: the broker may
-        share this CPU, and then must run for the word to change (with every process
-        on one CPU, spinning first cost a 16 MiB call a fifth more time). After
+        Polls the word and yields the CPU between polls: the broker may share this
+        CPU, and then must run for the word to change (with every process on one CPU,
+        spinning first cost a 16 MiB call a fifth more time). After
         :data:`RING_PATIENCE` it sleeps between polls and checks the broker's
         connection.
 
         Raises:
             BrokerUnavailableError: the broker closed the connection.
         """
-        unpack = PROGRESS.unpack_from
+        words = self._send_words
+        assert words is not None
         started = time.perf_counter()
         while True:
-            progress = unpack(area, progress_at)[0]
-            if progress >= needed:
-                return True
-            if progress < 0:
-                return False
+            value = words[word]
+            if value >= needed or value < 0:
+                return value
             waited = time.perf_counter() - started
             if waited > RING_PATIENCE:
                 self._check_broker(RING_PATIENCE / 4)
@@ -438,9 +617,14 @@ class ThreadState:
     def _send_area(self, size: int) -> memoryview:
         """The send area, grown to at least ``size`` bytes."""
         if self._send_view is None or size > len(self._send_view):
+            if self._send_words is not None:
+                self._send_words.release()
+                self._send_words = None
             self._send_map, self._send_view = self._new_area(
                 protocol.SEND_AREA, size, self._send_view, self._send_map
             )
+            end = len(self._send_view)
+            self._send_words = self._send_view[end - END_WORDS * 8 : end].cast("q")
         return self._send_view
 
     def _find_loaned(self, encoded: parcel.EncodedParcel) -> tuple[int, int]:
@@ -504,9 +688,27 @@ class ThreadState:
             old_map.close()
         return mapping, memoryview(mapping)
 
+    def _let_window_drain(self) -> None:
+        """Before the connection closes, give the broker up to
+        :data:`WINDOW_DRAIN_TIMEOUT` seconds to copy the windowed calls still in
+        flight: one it has not yet read (or one waiting for room in its target) would
+        be dropped with the connection. Failures among them are no longer raised."""
+        words = self._send_words
+        if not self._in_window or words is None:
+            return
+        wanted = self._settled + len(self._in_window)
+        give_up = time.monotonic() + WINDOW_DRAIN_TIMEOUT
+        with contextlib.suppress(BrokerUnavailableError):
+            while words[SETTLED_WORD] < wanted and time.monotonic() < give_up:
+                self._check_broker(RING_PATIENCE)
+        self._in_window.clear()
+
     # -- the socket --------------------------------------------------------------------------
 
     def _send(self, message: bytes) -> None:
+        if self._outbox:  # earlier transactions' dones first
+            message = self._outbox + message
+            self._outbox = b""
         if self._deferred:  # after the message: the broker acts on the message first
             message += self._deferred
             self._deferred = b""
@@ -615,9 +817,12 @@ class ThreadState:
         if self._closed:
             return
         self._closed = True
+        self._let_window_drain()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        if self._send_words is not None:
+            self._send_words.release()
         for view, mapping in ((self._send_view, self._send_map), (self._loan_view, self._loan_map)):
             if view is not None and mapping is not None:
                 _release(view)

@@ -1,0 +1,177 @@
+"""Oneway calls in a window (TF_WINDOW): a sender goes on before the broker has copied
+its oneway call, the broker acknowledges it in the send area's settle words instead of
+a message, and hands the calls queued for a receiver over in batches. Calls keep their
+order, a failure is raised by the thread's next call, and nothing in flight is lost
+when a process closes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+from peers import ITest
+from raw import answer
+
+import pybinder
+from pybinder import parcel, protocol
+from pybinder.protocol import (
+    BC_SET_SEND_AREA,
+    BC_TRANSACTION,
+    BR_DEAD_REPLY,
+    BR_FAILED_REPLY,
+    BR_OK,
+    END_WORDS,
+    FAILED_WORD,
+    SETTLED_WORD,
+    TF_ONE_WAY,
+    TF_WINDOW,
+)
+from pybinder.region import create_send_area
+
+SLOW_S = 0.005  # seconds the server spends on each slow call
+
+
+def code_of(name: str) -> int:
+    return next(m for m in ITest.METHODS if m.name == name).code
+
+
+def eventually(condition, timeout: float = 10.0) -> bool:
+    give_up = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_oneway_calls_queued_behind_a_slow_one_reach_the_server_in_batches_in_order(cluster, proc):
+    cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)
+    before = proc.status()["broker"]["oneway_batched"]
+    started = time.monotonic()
+    for i in range(60):
+        service.record_slowly(i, SLOW_S)
+    sent_in = time.monotonic() - started
+    assert service.recorded() == list(range(60))
+    # The calls returned before the server ran them (60 x 5 ms = 0.3 s of its time)...
+    assert sent_in < 60 * SLOW_S / 2, f"60 windowed calls took {sent_in:.3f} s to send"
+    # ...and those queued meanwhile went to its looper several at a time.
+    assert proc.status()["broker"]["oneway_batched"] - before >= 30
+
+
+def test_a_failed_windowed_call_is_raised_once_by_the_threads_next_call(cluster, proc):
+    server = cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)
+    server.stop(signal.SIGKILL)
+    assert eventually(lambda: proc.list_services() == [])
+    assert service.record(1) is None  # in the window: the broker has not answered yet
+    with pytest.raises(pybinder.DeadObjectError, match="earlier oneway call"):
+        proc.list_services()  # the next call on this thread raises it
+    assert proc.list_services() == []  # once: the thread goes on
+
+
+def test_flush_oneway_raises_a_windowed_calls_failure(cluster, proc):
+    server = cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)
+    server.stop(signal.SIGKILL)
+    assert eventually(lambda: proc.list_services() == [])
+    service.record(1)
+    with pytest.raises(pybinder.DeadObjectError):
+        proc.flush_oneway()
+    proc.flush_oneway()  # nothing left to raise
+
+
+def test_without_a_window_a_oneway_call_raises_its_own_failure(cluster):
+    server = cluster.server()
+    with pybinder.connect(cluster.socket, oneway_window=1) as proc:
+        service = proc.get_service("test", ITest, timeout=10)
+        server.stop(signal.SIGKILL)
+        assert eventually(lambda: proc.list_services() == [])
+        with pytest.raises(pybinder.DeadObjectError):
+            service.record(1)
+
+
+def test_closing_a_process_lets_its_windowed_calls_reach_the_server(cluster, proc):
+    cluster.server()
+    with pybinder.connect(cluster.socket) as sender:
+        service = sender.get_service("test", ITest, timeout=10)
+        for i in range(30):
+            service.record_slowly(i, SLOW_S / 5)
+    # close() returned; the calls still queued in the broker then run in order.
+    reader = proc.get_service("test", ITest, timeout=10)
+    assert eventually(lambda: len(reader.recorded()) == 30)
+    assert reader.recorded() == list(range(30))
+
+
+def test_windowed_calls_of_several_sizes_keep_their_bytes_and_order(cluster, proc):
+    cluster.server(region_size=1 << 20)  # 512 KiB of async space: the window waits
+    service = proc.get_service("test", ITest, timeout=10)
+    sizes = [64, 5000, 200 << 10, 70 << 10, 1, 150 << 10, 4096, 250 << 10] * 4
+    payloads = [os.urandom(size) for size in sizes]
+    for payload in payloads:
+        service.record(payload)
+    assert service.recorded() == payloads
+
+
+def test_the_broker_settles_a_windowed_call_in_the_send_area_and_sends_nothing(
+    cluster, proc, raw_thread
+):
+    """The protocol by hand: TF_WINDOW calls are counted in the settle words, and a
+    failed one is answered as usual and counted as failed too."""
+    cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)  # holds the handle
+    handle = service.binder.handle
+    encoded = parcel.encode([ITest.DESCRIPTOR, ["hello"], {}])
+    fd, area = create_send_area(65536)
+    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, 0)], [fd])
+    os.close(fd)
+    assert answer(raw_thread)[0][0] == BR_OK
+    words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
+    encoded.write_into(memoryview(area)[4096:])
+    flags = TF_ONE_WAY | TF_WINDOW
+    record = code_of("record")
+    raw_thread.send(
+        protocol.encode(BC_TRANSACTION, handle, record, flags, encoded.size, 0, 0, 4096)
+    )
+    assert eventually(lambda: words[SETTLED_WORD] == 1)
+    assert words[FAILED_WORD] == 0
+    raw_thread.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        raw_thread.recv(4096)  # no BR_TRANSACTION_COMPLETE
+    raw_thread.settimeout(10)
+
+    raw_thread.send(protocol.encode(BC_TRANSACTION, 999, record, flags, encoded.size, 0, 0, 4096))
+    assert answer(raw_thread)[0][0] == BR_FAILED_REPLY
+    # The failure is sent first, then counted: a sender that sees the count finds it.
+    assert eventually(lambda: words[SETTLED_WORD] == 2)
+    assert words[FAILED_WORD] == 1
+    words.release()
+    area.close()
+    assert service.recorded() == ["hello"]
+
+
+def test_a_windowed_call_to_a_dead_node_is_settled_failed(cluster, proc, raw_thread):
+    server = cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)  # holds the handle
+    handle = service.binder.handle
+    server.stop(signal.SIGKILL)
+    assert eventually(lambda: proc.list_services() == [])
+    encoded = parcel.encode([ITest.DESCRIPTOR, [1], {}])
+    fd, area = create_send_area(65536)
+    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, 0)], [fd])
+    os.close(fd)
+    assert answer(raw_thread)[0][0] == BR_OK
+    words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
+    encoded.write_into(area)
+    flags = TF_ONE_WAY | TF_WINDOW
+    raw_thread.send(
+        protocol.encode(BC_TRANSACTION, handle, code_of("record"), flags, encoded.size, 0, 0, 0)
+    )
+    assert answer(raw_thread)[0][0] == BR_DEAD_REPLY
+    assert eventually(lambda: words[SETTLED_WORD] == 1)
+    assert words[FAILED_WORD] == 1
+    words.release()
+    area.close()
