@@ -12,6 +12,7 @@ together with BC_REPLY), so one system call carries both.
 
 from __future__ import annotations
 
+import platform
 import struct
 from typing import Final
 
@@ -47,6 +48,13 @@ TF_RING: Final = 0x200
 #: sending the failure itself (BR_FAILED_REPLY or BR_DEAD_REPLY) as usual. A stream of
 #: oneway calls then costs one message per call, not two.
 TF_WINDOW: Final = 0x400
+
+#: Whether this CPU makes a store visible only after the loads before it (x86-64 is
+#: TSO), so that a sender that reads a word the broker writes after its copy (the
+#: progress word of TF_RING, the settle words of TF_WINDOW) never overwrites bytes
+#: the copy has yet to read. Other CPUs would need a fence Python cannot issue: there
+#: the broker tells senders to write parcels whole, and senders use no window.
+RING_IS_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64")
 
 #: The ring's size in bytes (see :data:`TF_RING`): two parts of 512 KiB. Within a
 #: CPU's L2 cache here (1 MiB), and half as many parts, each announced by a message,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
@@ -55,6 +54,7 @@ from pybinder.protocol import (
     MAX_BACKLOG,
     PARTS_RING,
     PROGRESS,
+    RING_IS_ORDERED,
     SEND_AREA,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
@@ -85,12 +85,6 @@ PARALLEL_COPY_MIN: Final = 2 * 1024 * 1024
 #: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
 #: assignment, which costs a third of a ``ctypes.memmove`` call.
 SMALL_COPY: Final = 2048
-
-#: Whether this CPU makes a store visible only after the loads before it (x86-64 is
-#: TSO), so that a sender that reads the broker's progress word (TF_RING) never
-#: overwrites bytes the broker's copy has yet to read. Other CPUs would need a fence
-#: Python cannot issue; their senders are told to write parcels whole.
-RING_IS_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64")
 
 _PARTS_FLAGS: Final = TF_PARTS | TF_RING
 _PARTS_OR_ONEWAY: Final = TF_PARTS | TF_ONE_WAY

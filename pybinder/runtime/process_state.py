@@ -24,6 +24,7 @@ from pybinder.protocol import (
     BR_HELLO_PROCESS,
     MAX_MESSAGE,
     PROTOCOL_VERSION,
+    RING_IS_ORDERED,
     SERVICE_MANAGER_HANDLE,
 )
 from pybinder.region import map_region_readonly
@@ -116,6 +117,8 @@ class ProcessState:
         if oneway_window is None:
             oneway_window = int(os.environ.get("PYBINDER_ONEWAY_WINDOW", DEFAULT_ONEWAY_WINDOW))
         self.oneway_window = min(max(1, oneway_window), MAX_ONEWAY_WINDOW)
+        if not RING_IS_ORDERED:
+            self.oneway_window = 1  # the settle words need x86-64's store order
         self.closed = False
         self._forked = False
         self._pid = os.getpid()
