@@ -40,7 +40,7 @@ from pybinder.errors import (
     ProtocolError,
 )
 from pybinder.paths import ensure_socket_dir
-from pybinder.protocol import BC_REPLY, BC_TRANSACTION, MAX_MESSAGE
+from pybinder.protocol import BC_FREE_BUFFER, BC_REPLY, BC_TRANSACTION, MAX_MESSAGE
 from pybinder.region import DEFAULT_REGION_SIZE, MIN_REGION_SIZE, map_send_area
 
 log: Final = logging.getLogger("pybinder.broker")
@@ -387,18 +387,12 @@ class Broker:
                 if thread is not None and op in _HELD_COMMANDS and thread.held:
                     router.hold(thread, command)
                     continue
-                # The hot commands are unpacked here: a call with *args costs more.
+                # The hot commands skip the handler table.
                 if thread is not None and op in _HOT_COMMANDS:
-                    if op == BC_TRANSACTION:
-                        _, handle, code, flags, size, tail_offset, tail_len, head = command
-                        router.transaction(
-                            thread, handle, code, flags, size, tail_offset, tail_len, head
-                        )
-                    elif op == BC_REPLY:
-                        _, flags, size, tail_offset, tail_len = command
-                        router.reply(thread, flags, size, tail_offset, tail_len)
-                    else:
+                    if op == BC_FREE_BUFFER:
                         router.free_buffer(thread, command[1])
+                    else:
+                        router.run_command(thread, command)
                     continue
                 handler = self._thread_handlers.get(op)
                 if handler is None:

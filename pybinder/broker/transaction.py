@@ -269,52 +269,36 @@ class Router:
             self._choose_layout(thread, bool(flags & TF_RING))
             return
         thread.window_call = bool(flags & TF_WINDOW) and flags & _PARTS_OR_ONEWAY == TF_ONE_WAY
-        try:
-            self._transaction(
-                thread, handle, code, flags, size, tail_offset, tail_len, head_offset, prefilled
+        try:  # while it is set, a failure also settles the windowed call
+            process = thread.process
+            process.transactions_sent += 1
+            self.transactions += 1
+            if not thread.parcel_fits(size, tail_offset, tail_len, head_offset):
+                self.fail(thread, ProtocolError(), size, 0)
+                return
+            if handle == SERVICE_MANAGER_HANDLE:
+                assert self.service_manager is not None
+                data = thread.parcel_bytes(size, tail_offset, tail_len, head_offset)
+                self.service_manager.transact(thread, code, flags, data)
+                return
+            ref = process.refs.get(handle)
+            if ref is None:
+                self.fail(thread, ProtocolError(), handle, 0)
+                return
+            if ref.node.dead:
+                self._dead_reply_to(thread)
+                return
+            parent = thread.incoming[-1] if thread.incoming else None
+            txn = Transaction(
+                ref.node, code, flags, size, thread, parent, tail_offset, tail_len, head_offset
             )
+            txn.buffer = prefilled
+            if txn.oneway:
+                self._start_oneway(txn)
+            else:
+                self._start_two_way(txn)
         finally:
             thread.window_call = False
-
-    def _transaction(
-        self,
-        thread: ThreadRecord,
-        handle: int,
-        code: int,
-        flags: int,
-        size: int,
-        tail_offset: int,
-        tail_len: int,
-        head_offset: int,
-        prefilled: Buffer | None,
-    ) -> None:
-        process = thread.process
-        process.transactions_sent += 1
-        self.transactions += 1
-        if not thread.parcel_fits(size, tail_offset, tail_len, head_offset):
-            self.fail(thread, ProtocolError(), size, 0)
-            return
-        if handle == SERVICE_MANAGER_HANDLE:
-            assert self.service_manager is not None
-            data = thread.parcel_bytes(size, tail_offset, tail_len, head_offset)
-            self.service_manager.transact(thread, code, flags, data)
-            return
-        ref = process.refs.get(handle)
-        if ref is None:
-            self.fail(thread, ProtocolError(), handle, 0)
-            return
-        if ref.node.dead:
-            self._dead_reply_to(thread)
-            return
-        parent = thread.incoming[-1] if thread.incoming else None
-        txn = Transaction(
-            ref.node, code, flags, size, thread, parent, tail_offset, tail_len, head_offset
-        )
-        txn.buffer = prefilled
-        if txn.oneway:
-            self._start_oneway(txn)
-        else:
-            self._start_two_way(txn)
 
     def _start_two_way(self, txn: Transaction) -> None:
         thread = txn.from_thread
@@ -413,18 +397,20 @@ class Router:
         them waits for room again."""
         backlog = thread.backlog
         while backlog and thread.waiting_oneway is None and thread.alive:
-            command = backlog.pop(0)
-            op = command[0]
-            if op == BC_TRANSACTION:
-                _, handle, code, flags, size, tail_offset, tail_len, head_offset = command
-                self.transaction(
-                    thread, handle, code, flags, size, tail_offset, tail_len, head_offset
-                )
-            elif op == BC_REPLY:
-                _, flags, size, tail_offset, tail_len = command
-                self.reply(thread, flags, size, tail_offset, tail_len)
-            else:
-                self.parcel_ready(thread, command[1])
+            self.run_command(thread, backlog.pop(0))
+
+    def run_command(self, thread: ThreadRecord, command: tuple[int, ...]) -> None:
+        """Run a BC_TRANSACTION, BC_REPLY or BC_PARCEL_READY of ``thread``, unpacked
+        here: a call with ``*args`` costs more."""
+        op = command[0]
+        if op == BC_TRANSACTION:
+            _, handle, code, flags, size, tail_offset, tail_len, head_offset = command
+            self.transaction(thread, handle, code, flags, size, tail_offset, tail_len, head_offset)
+        elif op == BC_REPLY:
+            _, flags, size, tail_offset, tail_len = command
+            self.reply(thread, flags, size, tail_offset, tail_len)
+        else:
+            self.parcel_ready(thread, command[1])
 
     # -- parcels sent in parts (TF_PARTS) --------------------------------------------
 
