@@ -72,12 +72,12 @@ if TYPE_CHECKING:
 log: Final = logging.getLogger("pybinder.broker")
 
 _BR_TRANSACTION: Final = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
+_BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 
 #: The most queued oneway calls of one node's lane delivered to a looper in one
 #: message (48 bytes each; a message holds at most MAX_MESSAGE): a stream's receiver
 #: then wakes once per batch instead of once per call.
 MAX_BATCH: Final = 32
-_BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 
 #: Copies of at least this many bytes are split over two threads.
 PARALLEL_COPY_MIN: Final = 2 * 1024 * 1024
