@@ -31,7 +31,7 @@ from pybinder.protocol import (
 )
 from pybinder.region import create_send_area
 
-SLOW_S = 0.005  # seconds the server spends on each slow call
+SLOW_S = 0.01  # seconds the server spends on each slow call
 
 
 def code_of(name: str) -> int:
