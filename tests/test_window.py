@@ -175,3 +175,14 @@ def test_a_windowed_call_to_a_dead_node_is_settled_failed(cluster, proc, raw_thr
     assert words[FAILED_WORD] == 1
     words.release()
     area.close()
+
+
+def test_a_windowed_call_larger_than_the_async_space_fails_on_the_next_call(cluster, proc):
+    cluster.server(region_size=256 << 10)  # 128 KiB of async space
+    service = proc.get_service("test", ITest, timeout=10)
+    service.record(bytes(200 << 10))  # fits the window (at most 256 KiB), not the space
+    with pytest.raises(pybinder.TransactionTooLargeError, match="earlier oneway call"):
+        service.add(1, 2)
+    assert service.add(1, 2) == 3
+    service.record(b"small")
+    assert service.recorded() == [b"small"]
