@@ -193,6 +193,17 @@ def idle_client(socket_path: str) -> None:
         time.sleep(60)
 
 
+def streamer(socket_path: str, calls: int, seconds: float) -> None:
+    """Send ``calls`` record_slowly(i, seconds) oneway calls (in the window), print
+    "sent", then wait to be killed with calls still queued in the broker."""
+    with pybinder.connect(socket_path) as proc:
+        service = proc.get_service("test", ITest, timeout=10)
+        for i in range(calls):
+            service.record_slowly(i, seconds)
+        print("sent", flush=True)
+        time.sleep(60)
+
+
 def caller(socket_path: str, name: str, region_size: int) -> None:
     """Call blob(64) on the service ``name`` once, print what happened, then wait to
     be killed (still connected, so its region can be inspected)."""
@@ -218,6 +229,8 @@ def main(argv: list[str]) -> None:
         hammer(socket_path, int(rest[0]))
     elif role == "idle-client":
         idle_client(socket_path)
+    elif role == "streamer":
+        streamer(socket_path, int(rest[0]), float(rest[1]))
     elif role == "caller":
         caller(socket_path, rest[0], int(rest[1]))
     else:

@@ -186,3 +186,22 @@ def test_a_windowed_call_larger_than_the_async_space_fails_on_the_next_call(clus
     assert service.add(1, 2) == 3
     service.record(b"small")
     assert service.recorded() == [b"small"]
+
+
+def test_a_sender_killed_with_calls_in_flight_loses_at_most_its_tail(cluster, proc):
+    cluster.server()
+    streamer = cluster.peer("streamer", 40, SLOW_S)
+    streamer.wait_ready("sent")
+    streamer.stop(signal.SIGKILL)
+    service = proc.get_service("test", ITest, timeout=10)
+    assert service.add(2, 3) == 5  # the broker and the server go on
+
+    def settled() -> bool:
+        before = len(service.recorded())
+        time.sleep(5 * SLOW_S)
+        return len(service.recorded()) == before
+
+    assert eventually(settled)
+    recorded = service.recorded()
+    # What the broker had copied runs, in order and without gaps.
+    assert recorded == list(range(len(recorded))) and recorded
