@@ -21,6 +21,7 @@ from pybinder.protocol import (
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
+    BR_ERROR,
     BR_FAILED_REPLY,
     BR_OK,
     END_WORDS,
@@ -205,3 +206,34 @@ def test_a_sender_killed_with_calls_in_flight_loses_at_most_its_tail(cluster, pr
     recorded = service.recorded()
     # What the broker had copied runs, in order and without gaps.
     assert recorded == list(range(len(recorded))) and recorded
+
+
+def test_a_thread_behind_a_call_waiting_for_room_may_queue_64_commands(cluster, proc, raw_thread):
+    """The broker holds a thread's commands behind its oneway call that waits for room
+    in the receiver, runs them in order once there is room, and refuses the 65th."""
+    cluster.server(region_size=64 << 10)  # about 32 KiB of async space
+    service = proc.get_service("test", ITest, timeout=10)  # holds the handle
+    handle = service.binder.handle
+    fd, area = create_send_area(1 << 20)
+    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 1 << 20, 0)], [fd])
+    os.close(fd)
+    assert answer(raw_thread)[0][0] == BR_OK
+    words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
+    flags = TF_ONE_WAY | TF_WINDOW
+
+    def windowed(at: int, name: str, *args: object) -> bytes:
+        encoded = parcel.encode([ITest.DESCRIPTOR, list(args), {}])
+        encoded.write_into(memoryview(area)[at:])
+        return protocol.encode(BC_TRANSACTION, handle, code_of(name), flags, encoded.size, 0, 0, at)
+
+    raw_thread.send(windowed(0, "record_slowly", bytes(20 << 10), 1.0))  # holds 20 KiB
+    raw_thread.send(windowed(32 << 10, "record", bytes(20 << 10)))  # must wait for room
+    for i in range(65):
+        raw_thread.send(windowed((64 << 10) + i * 1024, "record", i))
+    reply = answer(raw_thread)[0]  # the 65th held command
+    assert reply[0] == BR_ERROR
+    assert eventually(lambda: words[SETTLED_WORD] == 66)  # then the rest, in order
+    assert words[FAILED_WORD] == 0
+    assert service.recorded() == [bytes(20 << 10), bytes(20 << 10), *range(64)]
+    words.release()
+    area.close()
