@@ -122,8 +122,9 @@ def create_send_area(size: int) -> tuple[int, mmap.mmap]:
 def map_send_area(fd: int, size: int) -> mmap.mmap:
     """The broker's mapping of a thread's send area, after checking it is safe to map.
 
-    The broker reads it, and writes only the progress word at its end (see
-    ``protocol.TF_RING``); ``ctypes`` takes the address of writable buffers only.
+    The broker reads it, and writes only the words at its end (the progress word of
+    ``protocol.TF_RING`` and the settle words of ``protocol.TF_WINDOW``); ``ctypes``
+    takes the address of writable buffers only.
 
     Raises:
         ProtocolError: ``fd`` is not a memfd sealed against resizing, or is smaller

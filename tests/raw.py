@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 
 from pybinder import protocol
-from pybinder.protocol import MAX_MESSAGE
+from pybinder.protocol import BC_SET_SEND_AREA, BR_OK, MAX_MESSAGE, SEND_AREA
+from pybinder.region import create_send_area
 
 #: Seconds a hand-driven connection waits for the broker.
 RAW_TIMEOUT_S = 10
@@ -22,3 +25,15 @@ def raw_connection(socket_path: str) -> socket.socket:
 def answer(sock: socket.socket) -> list[tuple[int, ...]]:
     """The commands of the broker's next message on ``sock``."""
     return list(protocol.decode(sock.recv(MAX_MESSAGE)))
+
+
+def give_send_area(sock: socket.socket, size: int) -> mmap.mmap:
+    """Create a sealed send area of ``size`` bytes, register it for the thread behind
+    ``sock`` (BC_SET_SEND_AREA) and return its mapping, once the broker said BR_OK."""
+    fd, mapping = create_send_area(size)
+    try:
+        socket.send_fds(sock, [protocol.encode(BC_SET_SEND_AREA, size, SEND_AREA)], [fd])
+    finally:
+        os.close(fd)
+    assert answer(sock)[0][0] == BR_OK
+    return mapping

@@ -14,7 +14,7 @@ import time
 import peers
 import pytest
 from peers import ITest, pattern
-from raw import answer
+from raw import answer, give_send_area
 
 import pybinder
 from pybinder import parcel, protocol
@@ -23,12 +23,10 @@ from pybinder.protocol import (
     BC_PARCEL_READY,
     BC_RELEASE,
     BC_REPLY,
-    BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
-    BR_OK,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
     PARTS_RING,
@@ -39,7 +37,6 @@ from pybinder.protocol import (
     TF_RING,
     WRITE_WHOLE,
 )
-from pybinder.region import create_send_area
 from pybinder.runtime.thread_state import PART_SIZE, PARTS_MIN
 
 
@@ -127,10 +124,7 @@ def raw_sender(raw_thread, service):
     sock = raw_thread
     body = [ITest.DESCRIPTOR, [bytes(PARTS_MIN)], {}]
     encoded = parcel.encode(body)
-    fd, mapping = create_send_area(encoded.size)
-    socket.send_fds(sock, [protocol.encode(BC_SET_SEND_AREA, encoded.size, 0)], [fd])
-    os.close(fd)
-    assert answer(sock)[0][0] == BR_OK
+    mapping = give_send_area(sock, encoded.size)
     encoded.write_into(mapping)
     digest = next(m for m in ITest.METHODS if m.name == "digest").code
     start = protocol.encode(
@@ -214,10 +208,7 @@ def test_a_server_thread_that_leaves_mid_reply_gives_a_dead_reply(cluster, proc,
     """``proc`` serves "raw" on a hand-driven looper, which starts a reply in parts
     and leaves halfway: the caller gets a dead object, and its region is as before."""
     body = parcel.encode([REPLY_OK, bytes(PARTS_MIN)])
-    fd, mapping = create_send_area(body.size)
-    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, body.size, 0)], [fd])
-    os.close(fd)
-    assert answer(raw_thread)[0][0] == BR_OK
+    mapping = give_send_area(raw_thread, body.size)
     body.write_into(mapping)
     proc.add_service("raw", peers.TestService())
     raw_thread.send(protocol.encode(BC_ENTER_LOOPER))
@@ -253,10 +244,7 @@ class RingSender:
         self.whole = bytearray(encoded.size)
         encoded.write_into(self.whole)
         self.sock = sock
-        fd, self.area = create_send_area(encoded.size + extra)
-        socket.send_fds(sock, [protocol.encode(BC_SET_SEND_AREA, len(self.area), 0)], [fd])
-        os.close(fd)
-        assert answer(sock)[0][0] == BR_OK
+        self.area = give_send_area(sock, encoded.size + extra)
         record = next(m for m in ITest.METHODS if m.name == "record").code
         flags = TF_ONE_WAY | TF_PARTS | TF_RING
         self.opening = protocol.encode(BC_TRANSACTION, handle, record, flags, encoded.size, 0, 0, 0)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 from peers import ITest
-from raw import answer, raw_connection
+from raw import answer, give_send_area, raw_connection
 
 import pybinder
 from pybinder import protocol
@@ -22,7 +22,6 @@ from pybinder.protocol import (
     BC_TRANSACTION,
     BR_ERROR,
     BR_FAILED_REPLY,
-    BR_OK,
 )
 from pybinder.region import create_send_area
 
@@ -93,12 +92,7 @@ def test_transactions_are_checked_against_send_area_and_parcel(cluster, raw_thre
     cluster.server()
     service = proc.get_service("test", ITest, timeout=10)
     handle = service.binder.handle
-    fd, mapping = create_send_area(65536)
-    socket.send_fds(
-        raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, protocol.SEND_AREA)], [fd]
-    )
-    os.close(fd)
-    assert answer(raw_thread)[0][0] == BR_OK
+    mapping = give_send_area(raw_thread, 65536)
 
     raw_thread.send(
         protocol.encode(BC_TRANSACTION, handle, 1, 0, 1 << 20, 0, 0, 0)

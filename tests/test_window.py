@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 from peers import ITest
-from raw import answer
+from raw import answer, give_send_area
 
 import pybinder
 from pybinder import parcel, protocol
 from pybinder.protocol import (
-    BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
-    BR_OK,
     END_WORDS,
     FAILED_WORD,
     SETTLED_WORD,
     TF_ONE_WAY,
     TF_WINDOW,
 )
-from pybinder.region import create_send_area
 
 SLOW_S = 0.01  # seconds the server spends on each slow call
 
@@ -126,10 +122,7 @@ def test_the_broker_settles_a_windowed_call_in_the_send_area_and_sends_nothing(
     service = proc.get_service("test", ITest, timeout=10)  # holds the handle
     handle = service.binder.handle
     encoded = parcel.encode([ITest.DESCRIPTOR, ["hello"], {}])
-    fd, area = create_send_area(65536)
-    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, 0)], [fd])
-    os.close(fd)
-    assert answer(raw_thread)[0][0] == BR_OK
+    area = give_send_area(raw_thread, 65536)
     words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
     encoded.write_into(memoryview(area)[4096:])
     flags = TF_ONE_WAY | TF_WINDOW
@@ -161,10 +154,7 @@ def test_a_windowed_call_to_a_dead_node_is_settled_failed(cluster, proc, raw_thr
     server.stop(signal.SIGKILL)
     assert eventually(lambda: proc.list_services() == [])
     encoded = parcel.encode([ITest.DESCRIPTOR, [1], {}])
-    fd, area = create_send_area(65536)
-    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 65536, 0)], [fd])
-    os.close(fd)
-    assert answer(raw_thread)[0][0] == BR_OK
+    area = give_send_area(raw_thread, 65536)
     words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
     encoded.write_into(area)
     flags = TF_ONE_WAY | TF_WINDOW
@@ -214,10 +204,7 @@ def test_a_thread_behind_a_call_waiting_for_room_may_queue_64_commands(cluster, 
     cluster.server(region_size=64 << 10)  # about 32 KiB of async space
     service = proc.get_service("test", ITest, timeout=10)  # holds the handle
     handle = service.binder.handle
-    fd, area = create_send_area(1 << 20)
-    socket.send_fds(raw_thread, [protocol.encode(BC_SET_SEND_AREA, 1 << 20, 0)], [fd])
-    os.close(fd)
-    assert answer(raw_thread)[0][0] == BR_OK
+    area = give_send_area(raw_thread, 1 << 20)
     words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
     flags = TF_ONE_WAY | TF_WINDOW
 
