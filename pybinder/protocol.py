@@ -44,9 +44,9 @@ TF_RING: Final = 0x200
 #: With TF_ONE_WAY, without TF_PARTS (pybinder's own): a oneway call sent in a window
 #: (the sender goes on before the broker has copied it, see :data:`WINDOW_RING`).
 #: The broker sends no BR_TRANSACTION_COMPLETE for it: it counts the call as settled
-#: in the sender's :data:`SETTLE_WORDS` instead, and a failure also as failed, after
-#: sending the failure itself (BR_FAILED_REPLY or BR_DEAD_REPLY) as usual. A stream of
-#: oneway calls then costs one message per call, not two.
+#: in the sender's settle words (:data:`END_WORDS`) instead, and a failure also as
+#: failed, after sending the failure itself (BR_FAILED_REPLY or BR_DEAD_REPLY) as
+#: usual. A stream of oneway calls then costs one message per call, not two.
 TF_WINDOW: Final = 0x400
 
 #: Whether this CPU makes a store visible only after the loads before it (x86-64 is
@@ -67,17 +67,14 @@ PROGRESS: Final = struct.Struct("<q")
 #: The progress word's value that tells the sender to write its parcel whole.
 WRITE_WHOLE: Final = -1
 
-#: Two little-endian i64 just before the progress word at the end of a send area:
-#: how many of the thread's TF_WINDOW calls failed, and how many the broker has
-#: settled (copied into the target's region, or failed), counted from the thread's
-#: hello. The broker writes them and never reads them; the sender may restore them
-#: while none of its windowed calls is in flight (a parcel sent whole may reach them).
-SETTLE_WORDS: Final = struct.Struct("<qq")
-
 #: The i64 words at the end of a send area, as indices into its last END_WORDS x 8
-#: bytes: the settle words, then the progress word. Each is written and read by one
-#: aligned 8-byte access (a memoryview cast to "q"), never byte by byte, so a poller
-#: never sees a word half written.
+#: bytes: the two settle words, then the progress word. The settle words count the
+#: thread's TF_WINDOW calls that failed (FAILED_WORD) and those the broker has settled,
+#: copied into the target's region or failed (SETTLED_WORD), from the thread's hello;
+#: the broker writes them and never reads them, and the sender may restore them while
+#: none of its windowed calls is in flight (a parcel sent whole may reach them). Each
+#: word is written and read by one aligned 8-byte access (a memoryview cast to "q"),
+#: never byte by byte, so a poller never sees a word half written.
 END_WORDS: Final = 3
 FAILED_WORD: Final = 0
 SETTLED_WORD: Final = 1
