@@ -96,8 +96,8 @@ SHARED_CPU_YIELD = 10e-6
 #: The most calls a looper lets pass without polling after its polls kept missing.
 MAX_LOOPER_SKIP = 64
 
-#: Bytes at the end of a send area for the settle words and the progress word.
-_WORDS_ROOM = 64
+#: Bytes at the end of a send area that hold its words (protocol.END_WORDS).
+_END_BYTES = END_WORDS * 8
 
 #: Parcels of at least this many bytes (without a loan) are sent in parts (TF_PARTS).
 PARTS_MIN = 2 * 1024 * 1024
@@ -166,7 +166,7 @@ class ThreadState:
         # The window ring: WINDOW_RING, or less if the broker allows smaller parcels.
         # Oneway parcels of up to a quarter of it (without a loan) go in the window;
         # larger ones stream fast enough one at a time (their copy dominates).
-        self._window_ring = min(WINDOW_RING, (process.max_parcel - _WORDS_ROOM) & ~63)
+        self._window_ring = min(WINDOW_RING, (process.max_parcel - _END_BYTES) & ~63)
         self._in_window: deque[tuple[int, int]] = deque()  # (start, end) in the ring, each
         self._window_head = 0  # where in the window ring the next call may start
         self._settled = 0  # this thread's windowed calls the broker has settled, seen
@@ -255,9 +255,9 @@ class ThreadState:
         """
         area = self._send_view
         ring = self._window_ring
-        if area is None or len(area) < ring + _WORDS_ROOM:
+        if area is None or len(area) < ring + _END_BYTES:
             self._settle_all()  # a new area replaces the one the broker copies from
-            area = self._send_area(ring + _WORDS_ROOM)
+            area = self._send_area(ring + _END_BYTES)
         size = encoded.size
         at = self._window_start(size)
         self._raise_late_error()
@@ -546,9 +546,9 @@ class ThreadState:
         size, tail = encoded.size, buffers[largest]
         ring = (
             encoded.head_size + PART_SIZE <= PARTS_RING
-            and size + END_WORDS * 8 <= self._process.max_parcel
+            and size + _END_BYTES <= self._process.max_parcel
         )
-        area = self._send_area(size + END_WORDS * 8 if ring else size)
+        area = self._send_area(size + _END_BYTES if ring else size)
         if ring:
             words = self._send_words
             assert words is not None
@@ -624,7 +624,7 @@ class ThreadState:
                 protocol.SEND_AREA, size, self._send_view, self._send_map
             )
             end = len(self._send_view)
-            self._send_words = self._send_view[end - END_WORDS * 8 : end].cast("q")
+            self._send_words = self._send_view[end - _END_BYTES : end].cast("q")
         return self._send_view
 
     def _find_loaned(self, encoded: parcel.EncodedParcel) -> tuple[int, int]:
