@@ -1,10 +1,12 @@
 """Build pybinder; compile the broker's hot path with mypyc when a C compiler is at hand.
 
-The metadata lives in pyproject.toml. The modules in
+The metadata lives in pyproject.toml. ``pybinder/broker/_stream.c`` is the broker's
+copy of large parcels with streaming stores, a small C extension. The modules in
 ``pybinder.compiled.COMPILED_MODULES`` are plain Python that mypyc also compiles to
 C extensions (about a third fewer instructions per broker call; see
 docs/performance.md). Without a working compiler the extensions are skipped and
-pybinder runs as pure Python; ``PYBINDER_PURE=1`` at build time skips them too.
+pybinder runs as pure Python (the broker then copies with ``memmove``);
+``PYBINDER_PURE=1`` at build time skips them too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import runpy
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 
 def compiled_extensions() -> list:
@@ -33,4 +35,10 @@ def compiled_extensions() -> list:
     return extensions
 
 
-setup(ext_modules=compiled_extensions())
+def stream_extension() -> list:
+    if runpy.run_path("pybinder/compiled.py")["pure_requested"]():
+        return []
+    return [Extension("pybinder.broker._stream", ["pybinder/broker/_stream.c"], optional=True)]
+
+
+setup(ext_modules=stream_extension() + compiled_extensions())

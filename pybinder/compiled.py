@@ -37,6 +37,7 @@ COMPILED_MODULES = (
     "pybinder.region",
     "pybinder.broker.allocator",
     "pybinder.broker.process",
+    "pybinder.broker.one_copy",
     "pybinder.broker.transaction",
     "pybinder.broker.daemon",
 )

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pybinder import protocol
+from pybinder.broker.one_copy import STREAM_MIN
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.service_manager import ServiceManager
 from pybinder.broker.transaction import Router
@@ -279,6 +280,8 @@ class Broker:
                 "buffer_bytes_copied": router.buffer_bytes_copied,
                 "parcels_in_parts": router.parcels_in_parts,
                 "oneway_batched": router.oneway_batched,
+                "parcels_streamed": router.parcels_streamed,
+                "stream_min": STREAM_MIN,
                 "compiled": running_compiled(),
             },
             "processes": processes,

@@ -16,14 +16,12 @@ The :class:`Router` is the driver's core. It receives each thread's BC_* command
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
 from pybinder import protocol
+from pybinder.broker.one_copy import copy_bytes, copy_from_ring, streams
 from pybinder.broker.process import Buffer, Node, Parts, ProcessRecord, Ref, ThreadRecord
 from pybinder.errors import (
     CODE_OF_ERROR,
@@ -78,9 +76,6 @@ _BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 #: message (48 bytes each; a message holds at most MAX_MESSAGE): a stream's receiver
 #: then wakes once per batch instead of once per call.
 MAX_BATCH: Final = 32
-
-#: Copies of at least this many bytes are split over two threads.
-PARALLEL_COPY_MIN: Final = 2 * 1024 * 1024
 
 #: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
 #: assignment, which costs a third of a ``ctypes.memmove`` call.
@@ -187,6 +182,7 @@ class Router:
         self.buffer_bytes_copied = 0
         self.oneway_batched = 0  # oneway calls handed over in a batch behind another
         self.parcels_in_parts = 0  # copied part by part while their senders wrote them
+        self.parcels_streamed = 0  # copied with streaming stores (one_copy.STREAM_MIN)
 
     # -- messages out -------------------------------------------------------------
 
@@ -500,10 +496,12 @@ class Router:
                 self.protocol_error(thread, ProtocolError("a parcel part outside the send area"))
                 return
             dest = target.region.address + buffer.offset
+            stream = streams(parts.size)
             if parts.ring:
-                _copy_from_ring(dest, send.address, parts.copied, ready)
+                copy_from_ring(dest, send.address, parts.copied, ready, stream)
             else:
-                copy_bytes(dest + parts.copied, send.address + parts.copied, ready - parts.copied)
+                source = send.address + parts.copied
+                copy_bytes(dest + parts.copied, source, ready - parts.copied, stream)
         parts.copied = ready
         if parts.ring and send is not None:
             send.report_progress(ready)
@@ -611,6 +609,8 @@ class Router:
             if header.n_objects:
                 self._translate(sender.process, target, dest, read_objects(dest, header))
             self.bytes_copied += size
+            if streams(size):
+                self.parcels_streamed += 1
             target.bytes_copied_in += size
             if header.n_buffers:
                 self._count_buffers(dest, header.n_buffers, header.buffer_table)
@@ -638,10 +638,11 @@ class Router:
             region.view[start : start + size] = send.view[head_offset : head_offset + size]
             return
         head = size - tail_len
-        copy_bytes(region.address + start, send.address + head_offset, head)
+        stream = streams(size)
+        copy_bytes(region.address + start, send.address + head_offset, head, stream)
         if tail_len:
             assert loan is not None
-            copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len)
+            copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len, stream)
 
     def _count_buffers(self, dest: memoryview, n_buffers: int, table: int) -> None:
         for i in range(n_buffers):
@@ -1007,37 +1008,6 @@ class Router:
             self.drop_ref(ref)
         process.buffers.clear()
         process.region.close()
-
-
-def _copy_from_ring(destination: int, ring: int, start: int, end: int) -> None:
-    """Copy bytes ``start`` to ``end`` of a parcel from the sender's ring at ``ring``
-    (byte p at ``p % PARTS_RING``) to the parcel's buffer at ``destination``."""
-    while start < end:
-        at = start % PARTS_RING
-        size = min(end - start, PARTS_RING - at)
-        copy_bytes(destination + start, ring + at, size)
-        start += size
-
-
-def copy_bytes(destination: int, source: int, size: int) -> None:
-    """Copy ``size`` bytes between two checked addresses: the one copy.
-
-    ``ctypes.memmove`` releases the GIL, so a large copy is split with a helper
-    thread and runs on two CPUs when the broker has them (about 1.8x faster for
-    16 MiB here); on one CPU the split costs one thread hand-off.
-    """
-    if size < PARALLEL_COPY_MIN:
-        ctypes.memmove(destination, source, size)
-        return
-    half = (size // 2 + 63) & ~63
-    other = _copier().submit(ctypes.memmove, destination + half, source + half, size - half)
-    ctypes.memmove(destination, source, half)
-    other.result()
-
-
-@functools.cache
-def _copier() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="pybinder-copy")
 
 
 def check_entry(source: ProcessRecord, kind: int, value: int) -> None:

@@ -249,7 +249,9 @@ class ProcessState:
         Byte counts include ``bytes_copied`` (every parcel byte the broker copied) and
         ``buffer_bytes_copied`` (the out-of-band payload bytes among them);
         ``oneway_batched`` counts oneway calls handed to a looper in one message
-        behind an earlier one.
+        behind an earlier one; ``parcels_streamed`` the parcels the broker copied
+        with streaming stores, those of ``stream_min`` bytes or more (0: none; see
+        ``pybinder.broker.one_copy``).
         """
         return dict(self.service_manager.status())
 
