@@ -235,6 +235,7 @@ def test_a_looper_polls_after_a_call_and_backs_off_when_polls_miss():
 def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
     """The looper's backoff counts only polls that ran their whole spin: one that
     found its message, or gave way to a busy thread on its CPU, is not a miss."""
+    from pybinder.runtime import thread_state
     from pybinder.runtime.thread_state import ThreadState
 
     ours, broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -249,9 +250,12 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
 
         # Polled 2 ms, then blocked. A real yield here may run some other thread (a
         # kernel worker, another test's process) and so rightly end the poll early;
-        # with yields that run nothing, the poll must run out.
+        # with yields that run nothing, the poll must run out. (A busy host may still
+        # stop this thread for more than SHARED_CPU_YIELD between two looks at the
+        # clock, which the poll would take for a busy neighbour: raised here.)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(os, "sched_yield", lambda: None)
+            patch.setattr(thread_state, "SHARED_CPU_YIELD", 1.0)
             threading.Timer(0.02, broker.send, [b"late"]).start()
             assert state._recv_spinning(0.002) == b"late"
         assert state._poll_timed_out
