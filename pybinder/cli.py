@@ -191,6 +191,17 @@ def _bench(args: argparse.Namespace) -> int:
     return int(bench_main(args.bench_args))
 
 
+def _streaming_line(broker: dict[str, Any]) -> str:
+    """How the broker copies large parcels (see ``pybinder.broker.one_copy``)."""
+    threshold = broker.get("stream_min", 0)
+    if not threshold:
+        return "large parcels copied with memmove (no streaming stores)"
+    return (
+        f"parcels of {threshold} bytes or more streamed to memory:"
+        f" {broker.get('parcels_streamed', 0)} so far"
+    )
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The human-readable ``pybinder status`` table (sizes in bytes)."""
     broker = status["broker"]
@@ -199,6 +210,7 @@ def format_status(status: dict[str, Any]) -> str:
         f" {'compiled (mypyc)' if broker.get('compiled') else 'pure Python'}",
         f"transactions {broker['transactions']}, bytes copied {broker['bytes_copied']}"
         f" (out-of-band payload {broker['buffer_bytes_copied']})",
+        _streaming_line(broker),
         "",
         f"{'PID':>7} {'UID':>6} {'NAME':<16} {'REGION':>10} {'IN USE':>10} {'SENT':>8}"
         f" {'RECEIVED':>8} {'COPIED IN':>12}  SERVICES",

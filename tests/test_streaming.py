@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Cluster
 from peers import ITest, pattern
+from test_cli import run_cli
 
 import pybinder
 from pybinder import compiled
@@ -54,8 +55,12 @@ def streamed_by(proc, call) -> tuple[object, int]:
     return result, counters(proc)["parcels_streamed"] - before
 
 
-def test_the_broker_reports_its_threshold(service, proc):
+def test_the_broker_reports_its_threshold_and_what_it_streamed(cluster, service, proc):
     assert counters(proc)["stream_min"] == STREAM_MIN
+    service.digest(bytes(STREAM_MIN))
+    status = run_cli(cluster.socket, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"parcels of {STREAM_MIN} bytes or more streamed to memory: 1 so far" in status.stdout
 
 
 def test_a_parcel_in_parts_over_the_threshold_streams_and_arrives_intact(service, proc):
@@ -147,5 +152,7 @@ def test_a_broker_told_never_to_stream_copies_as_before(socket_dir):
             (_, sha, _, _), streamed = streamed_by(proc, lambda: service.digest(data))
             assert sha == hashlib.sha256(data).hexdigest()
             assert (streamed, counters(proc)["stream_min"]) == (0, 0)
+            status = run_cli(cluster.socket, "status")
+            assert "copied with memmove (no streaming stores)" in status.stdout
     finally:
         cluster.close()
