@@ -56,9 +56,10 @@ TF_WINDOW: Final = 0x400
 #: the broker tells senders to write parcels whole, and senders use no window.
 RING_IS_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64")
 
-#: The ring's size in bytes (see :data:`TF_RING`): two parts of 512 KiB. Within a
-#: CPU's L2 cache here (1 MiB), and half as many parts, each announced by a message,
-#: as a 512 KiB ring of 256 KiB parts: 16 MiB calls took about a fifth less time.
+#: The ring's size in bytes (see :data:`TF_RING`): two parts of 512 KiB. It stays in
+#: the L3 cache the CPUs share (each CPU's L2 is 512 KiB here), and needs half as many
+#: parts, each announced by a message, as a 512 KiB ring of 256 KiB parts: 16 MiB
+#: calls took about a fifth less time.
 PARTS_RING: Final = 1024 * 1024
 
 #: The progress word at the end of a send area: a little-endian i64 (see TF_RING).
@@ -83,8 +84,8 @@ PROGRESS_WORD: Final = 2
 #: Windowed oneway calls (TF_WINDOW) are written one after another, each at a 64-byte
 #: boundary, in a ring of (at most) this many bytes at the start of the send area
 #: (BC_TRANSACTION's head_offset says where); the sender writes over a call only once
-#: the settle words say the broker has copied it. The size of the parts ring: it fits
-#: a CPU's L2 cache here.
+#: the settle words say the broker has copied it. The size of the parts ring: it stays
+#: in the shared cache.
 WINDOW_RING: Final = PARTS_RING
 
 #: The most transaction commands (BC_TRANSACTION, BC_REPLY, BC_PARCEL_READY) the
