@@ -3,6 +3,7 @@ every test leaves /dev/shm and the process table as it found them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -154,15 +155,23 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster(socket_dir: Path) -> Iterator[Cluster]:
-    """A running broker (64 MiB max region) and a place to start more processes."""
-    group = Cluster(str(socket_dir / "broker.sock"))
+@contextlib.contextmanager
+def running_cluster(socket_path: str, env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A :class:`Cluster` whose broker (64 MiB max region, ``env`` as in Cluster) runs;
+    every process it started is stopped afterwards."""
+    group = Cluster(socket_path, env)
     try:
         group.broker("--max-region-size", str(64 << 20))
         yield group
     finally:
         group.close()
+
+
+@pytest.fixture
+def cluster(socket_dir: Path) -> Iterator[Cluster]:
+    """A running broker (64 MiB max region) and a place to start more processes."""
+    with running_cluster(str(socket_dir / "broker.sock")) as group:
+        yield group
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Cluster
+from conftest import running_cluster
 from peers import ITest, pattern
 from test_cli import run_cli
 
@@ -26,14 +26,9 @@ STREAM_MIN = 3 << 20  # bytes: above PARTS_MIN, so both a whole copy and parts s
 @pytest.fixture
 def cluster(socket_dir):
     """A broker (64 MiB max region) that streams parcels of STREAM_MIN bytes or more."""
-    group = Cluster(
-        str(socket_dir / "broker.sock"), {**os.environ, "PYBINDER_STREAM_MIN": str(STREAM_MIN)}
-    )
-    try:
-        group.broker("--max-region-size", str(64 << 20))
+    env = {**os.environ, one_copy.STREAM_MIN_ENV: str(STREAM_MIN)}
+    with running_cluster(str(socket_dir / "broker.sock"), env) as group:
         yield group
-    finally:
-        group.close()
 
 
 @pytest.fixture
@@ -142,9 +137,7 @@ def test_the_threshold_is_three_eighths_of_the_last_level_cache(tmp_path: Path, 
 
 def test_a_broker_told_never_to_stream_copies_as_before(socket_dir):
     env = {**os.environ, one_copy.STREAM_MIN_ENV: "0"}
-    cluster = Cluster(str(socket_dir / "broker.sock"), env)
-    try:
-        cluster.broker()
+    with running_cluster(str(socket_dir / "broker.sock"), env) as cluster:
         cluster.server(region_size=16 << 20, threads=2)
         with pybinder.connect(cluster.socket) as proc:
             service = proc.get_service("test", ITest, timeout=10)
@@ -154,5 +147,3 @@ def test_a_broker_told_never_to_stream_copies_as_before(socket_dir):
             assert (streamed, counters(proc)["stream_min"]) == (0, 0)
             status = run_cli(cluster.socket, "status")
             assert "copied with memmove (no streaming stores)" in status.stdout
-    finally:
-        cluster.close()
