@@ -15,10 +15,10 @@ Two things make a large copy faster:
   (non-temporal) stores (:mod:`pybinder.broker._stream`, a C extension): its
   destination would not fit in the last-level cache next to its source anyway, so
   writing it straight to memory saves reading each destination line first and
-  keeps the sender's ring and payload in the cache. A 16 MiB call took 8-15% less
-  time, six interleaved pairs of 150 calls; at 4 and 8 MiB, where source and
-  destination fit in the cache together, streaming cost a fifth (see
-  docs/performance.md, step 22).
+  keeps the sender's ring and payload in the cache. A 16 MiB call took 6-19% less
+  time in ten side-by-side pairs of 150 calls; at 8 MiB, where source and destination
+  fit in the cache together, it was a tie, and streaming every copy cost 4 MiB calls
+  a fifth (see docs/performance.md, step 22).
 """
 
 from __future__ import annotations
