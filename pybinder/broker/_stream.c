@@ -1,7 +1,7 @@
 /* The broker's copy of a large parcel with streaming (non-temporal) stores.
  *
  * A parcel larger than the caches it passes through (see STREAM_MIN in
- * transaction.py) is written to memory without first reading each destination
+ * one_copy.py) is written to memory without first reading each destination
  * line in (no read-for-ownership) and without evicting the sender's ring and
  * payload from the cache: a third less memory traffic for the one copy. glibc's
  * memmove does the same for a single call above its non-temporal threshold, but

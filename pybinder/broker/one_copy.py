@@ -43,6 +43,9 @@ STREAM_MIN_ENV: Final = "PYBINDER_STREAM_MIN"
 #: Where Linux describes the first CPU's caches.
 CACHE_INFO: Final = Path("/sys/devices/system/cpu/cpu0/cache")
 
+#: The unit suffixes of a size in ``CACHE_INFO`` ("32K", "32768K", "1M").
+_SIZE_UNITS: Final = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
 Copy = Callable[[int, int, int], object]
 
 
@@ -55,20 +58,22 @@ def last_level_cache_bytes(cache_info: Path = CACHE_INFO) -> int:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        scale = units.get(text[-1:].upper(), 1)
-        digits = text[:-1] if text[-1:].upper() in units else text
+        unit = text[-1:].upper()
+        scale = _SIZE_UNITS.get(unit, 1)
+        digits = text[:-1] if unit in _SIZE_UNITS else text
         if digits.isdigit():
             largest = max(largest, int(digits) * scale)
     return largest
 
 
 def stream_threshold(cache_info: Path = CACHE_INFO) -> int:
-    """The parcel size in bytes from which the one copy streams: ``$PYBINDER_STREAM_MIN``
-    if set (0: never), else three eighths of the last-level cache (a parcel that size
-    and its source take three quarters of it, the share glibc's memmove allows one
-    copy before it streams), else 0 (never) when the cache size is unknown or this
-    build has no streaming copy."""
+    """The parcel size in bytes from which the one copy streams (0: never).
+
+    0 when this build or machine has no streaming copy; else ``$PYBINDER_STREAM_MIN``
+    if set; else three eighths of the last-level cache (a parcel that size and its
+    source take three quarters of it, the share glibc's memmove allows one copy
+    before it streams), or 0 when Linux does not give the cache's size.
+    """
     if _load_stream_copy() is None:
         return 0
     configured = os.environ.get(STREAM_MIN_ENV, "").strip()
