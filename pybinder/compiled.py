@@ -40,6 +40,7 @@ COMPILED_MODULES = (
     "pybinder.broker.one_copy",
     "pybinder.broker.transaction",
     "pybinder.broker.daemon",
+    "pybinder.runtime.thread_state",
 )
 
 #: Set to a non-empty value other than "0" to run every module from its source.

@@ -8,6 +8,7 @@ import ast
 import itertools
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -185,68 +186,118 @@ def test_batches_of_commands_never_exceed_one_message():
 
 
 class _FakeProcess:
+    """What a ThreadState asks of its process state; records the looper_polling flag."""
+
     spin_seconds = 200e-6
-    looper_polling = False
+    oneway_window = 1
+    max_parcel = 1 << 20
+    key = 7
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection = connection
+        self.polling_flags: list[bool] = []
+        self._polling = False
+        self.releases: list[bytes] = []  # BC_RELEASE commands of dropped proxies
+
+    def open_connection(self) -> socket.socket:
+        return self._connection
+
+    def take_releases(self) -> list[bytes]:
+        batch, self.releases = b"".join(self.releases), []
+        return [batch]
+
+    @property
+    def looper_polling(self) -> bool:
+        return self._polling
+
+    @looper_polling.setter
+    def looper_polling(self, value: bool) -> None:
+        self.polling_flags.append(value)
+        self._polling = value
 
 
-def _looper_with_polls(found: list[bool]) -> tuple[object, list[float]]:
-    """A ThreadState whose socket is replaced by a script: each poll finds its
-    message or gives way (True) or runs out without it (False), and every poll after
-    the script finds it. Returns it and the spins it was asked to poll for (0.0: it
-    blocked at once)."""
+def _thread_state_on_a_socketpair():
+    """A real ThreadState whose broker is the other end of a socketpair (it has
+    already answered the thread's hello). Returns the state, that end and the process."""
     from pybinder.runtime.thread_state import ThreadState
 
-    state = object.__new__(ThreadState)
-    state._process = _FakeProcess()
-    state._looper_backoff = state._looper_skip = 0
-    spins: list[float] = []
-    outcomes = itertools.chain(found, itertools.repeat(True))
-
-    def recv(spin: float = 0.0) -> bytes:
-        spins.append(spin)
-        if spin:
-            assert state._process.looper_polling  # the process knows a looper polls
-            state._poll_timed_out = not next(outcomes)
-        return b"message"
-
-    state._recv = recv
-    return state, spins
+    ours, broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    broker.send(protocol.encode(protocol.BR_HELLO_THREAD, _FakeProcess.key))
+    process = _FakeProcess(ours)
+    state = ThreadState(process)
+    assert protocol.decode(broker.recv(256))[0][0] == protocol.BC_HELLO_THREAD
+    return state, broker, process
 
 
-def test_a_looper_polls_after_a_call_and_backs_off_when_polls_miss():
-    from pybinder.runtime.thread_state import MAX_LOOPER_SKIP
+def test_looper_polls_back_off_when_polls_miss():
+    from pybinder.runtime.thread_state import MAX_LOOPER_SKIP, LooperPolls
 
     misses = 8
-    state, spins = _looper_with_polls([True] + [False] * misses + [True, True])
-    assert state._next_work(answered_call=False) == b"message"  # after a oneway: blocks
-    assert spins == [0.0]
-    spins.clear()
-    for _ in range(300):
-        state._next_work(answered_call=True)
-    polled = [i for i, spin in enumerate(spins) if spin]
-    assert all(spins[i] == 200e-6 for i in polled)  # all of spin_us
+    script = itertools.chain([True] + [False] * misses + [True, True], itertools.repeat(True))
+    polls = LooperPolls()
+    polled = []
+    for call in range(300):
+        if polls.should_poll():
+            polled.append(call)
+            polls.polled(timed_out=not next(script))
     # a hit, then misses: each miss doubles the calls let pass (1, 2, 4, ... up to 64)
     gaps = [b - a - 1 for a, b in itertools.pairwise(polled)]
     assert gaps[: misses + 1] == [0, 1, 2, 4, 8, 16, 32, MAX_LOOPER_SKIP, MAX_LOOPER_SKIP]
-    assert gaps[misses + 1] == 0  # a poll that found its message resets the backoff
-    assert not state._process.looper_polling
+    assert gaps[misses + 1 :] == [0] * len(gaps[misses + 1 :])  # a hit resets the backoff
+
+
+def test_a_looper_polls_only_after_a_two_way_call_and_only_if_no_other_looper_does():
+    state, broker, process = _thread_state_on_a_socketpair()
+    try:
+        broker.send(b"after a oneway call")
+        assert state._next_work(answered_call=False) == b"after a oneway call"
+        assert process.polling_flags == []  # it blocked at once
+        broker.send(b"after a two-way call")
+        assert state._next_work(answered_call=True) == b"after a two-way call"
+        assert process.polling_flags == [True, False]  # it polled, and said so meanwhile
+        process.polling_flags.clear()
+        process._polling = True  # another looper is polling
+        broker.send(b"another looper polls")
+        assert state._next_work(answered_call=True) == b"another looper polls"
+        assert process.polling_flags == []
+    finally:
+        state.close()
+        broker.close()
+
+
+def test_releases_of_dropped_proxies_go_after_the_message_that_may_name_them():
+    """A reply can carry the last reference to a proxy, which may be dropped (and its
+    BC_RELEASE queued) before the reply is sent; the broker must see the reply
+    first, or it drops the handle and rejects the reply."""
+    from pybinder.runtime.thread_state import DEFERRED_FREE_LIMIT
+
+    state, broker, process = _thread_state_on_a_socketpair()
+    try:
+        process.releases.append(protocol.encode(protocol.BC_RELEASE, 5, 1))
+        state.free_buffer(4096, DEFERRED_FREE_LIMIT + 1)  # large: sent at once
+        first, second = protocol.decode(broker.recv(256)), protocol.decode(broker.recv(256))
+        assert [command[0] for command in first] == [protocol.BC_FREE_BUFFER]
+        assert second == [(protocol.BC_RELEASE, 5, 1)]
+        assert process.releases == []
+    finally:
+        state.close()
+        broker.close()
 
 
 def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
     """The looper's backoff counts only polls that ran their whole spin: one that
     found its message, or gave way to a busy thread on its CPU, is not a miss."""
     from pybinder.runtime import thread_state
-    from pybinder.runtime.thread_state import ThreadState
+    from pybinder.runtime.thread_state import recv_polling
 
     ours, broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    state = object.__new__(ThreadState)
-    state._sock = ours
+    poller = select.poll()
+    poller.register(ours.fileno(), select.POLLIN)
     cpus = os.sched_getaffinity(0)
     busy = None
     try:
         broker.send(b"waiting")
-        assert state._recv_spinning(1.0) == b"waiting"
-        assert not state._poll_timed_out
+        assert recv_polling(ours, poller, 1.0) == (b"waiting", False)
 
         # Polled 2 ms, then blocked. A real yield here may run some other thread (a
         # kernel worker, another test's process) and so rightly end the poll early;
@@ -257,8 +308,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
             patch.setattr(os, "sched_yield", lambda: None)
             patch.setattr(thread_state, "SHARED_CPU_YIELD", 1.0)
             threading.Timer(0.02, broker.send, [b"late"]).start()
-            assert state._recv_spinning(0.002) == b"late"
-        assert state._poll_timed_out
+            assert recv_polling(ours, poller, 0.002) == (b"late", True)
 
         cpu = min(cpus)
         busy = subprocess.Popen(
@@ -267,8 +317,8 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
         time.sleep(0.2)  # the busy process is pinned and spinning
         os.sched_setaffinity(0, {cpu})
         threading.Timer(0.4, broker.send, [b"shared"]).start()
-        assert state._recv_spinning(0.2) == b"shared"  # arrives after the spin...
-        assert not state._poll_timed_out  # ...but the poll gave way and blocked first
+        # it arrives after the spin, but the poll gave way and blocked first
+        assert recv_polling(ours, poller, 0.2) == (b"shared", False)
     finally:
         os.sched_setaffinity(0, cpus)
         if busy is not None:
@@ -276,10 +326,3 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
             busy.wait(10)
         ours.close()
         broker.close()
-
-
-def test_only_one_looper_of_a_process_polls():
-    state, spins = _looper_with_polls([])
-    state._process.looper_polling = True  # another looper is polling
-    state._next_work(answered_call=True)
-    assert spins == [0.0]

@@ -124,7 +124,7 @@ class ProcessState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._thread_states: weakref.WeakSet[ThreadState] = weakref.WeakSet()
+        self._thread_slots: weakref.WeakSet[_ThreadSlot] = weakref.WeakSet()
         self._loopers: list[threading.Thread] = []
         self._nodes: dict[int, list[Any]] = {}  # node id -> [binder, times sent]
         self._node_ids: dict[int, int] = {}  # id(binder) -> node id
@@ -193,13 +193,13 @@ class ProcessState:
         Raises:
             BinderError: the process state is closed, or this is a forked child.
         """
-        state: ThreadState | None = getattr(self._local, "state", None)
-        if state is None or self.closed or self._forked:
+        slot: _ThreadSlot | None = getattr(self._local, "slot", None)
+        if slot is None or self.closed or self._forked:
             self._check_usable()
-            state = ThreadState(self)
-            self._local.state = state
-            self._thread_states.add(state)
-        return state
+            slot = _ThreadSlot(ThreadState(self))
+            self._local.slot = slot
+            self._thread_slots.add(slot)
+        return slot.state
 
     def _check_usable(self) -> None:
         if self._forked or os.getpid() != self._pid:
@@ -405,9 +405,9 @@ class ProcessState:
                 oneway call of this thread failed.
             BrokerUnavailableError: the broker went away.
         """
-        state: ThreadState | None = getattr(self._local, "state", None)
-        if state is not None and not self.closed:
-            state.flush_oneway()
+        slot: _ThreadSlot | None = getattr(self._local, "slot", None)
+        if slot is not None and not self.closed:
+            slot.state.flush_oneway()
 
     def _flush_before_close(self) -> None:
         """Let this thread's windowed oneway calls reach the broker's copy before the
@@ -428,8 +428,8 @@ class ProcessState:
             return
         self._flush_before_close()
         self.closed = True
-        for state in list(self._thread_states):
-            state.close()
+        for slot in list(self._thread_slots):
+            slot.state.close()
         current = threading.current_thread()
         for looper in self._loopers:
             if looper is not current:
@@ -468,6 +468,21 @@ class ProcessState:
 
 
 _NOBODY = (errno.ENOENT, errno.ECONNREFUSED)
+
+
+class _ThreadSlot:
+    """Holds one thread's ThreadState in the thread's ``threading.local``.
+
+    The process state reaches every thread's state through weak references to these
+    slots, so a state (and its connection) goes when its thread ends. The slot exists
+    because the state cannot be weakly referenced itself: mypyc compiles ThreadState
+    to a native class without weak reference support.
+    """
+
+    __slots__ = ("state", "__weakref__")
+
+    def __init__(self, state: ThreadState) -> None:
+        self.state = state
 
 
 def connect(

@@ -148,6 +148,8 @@ class ThreadState:
     def __init__(self, process: ProcessState) -> None:
         self._process = process
         self._sock = process.open_connection()
+        self._poller = select.poll()  # for recv_polling
+        self._poller.register(self._sock.fileno(), select.POLLIN)
         self._send_map: mmap.mmap | None = None
         self._send_view: memoryview | None = None
         self._send_words: memoryview | None = None  # its END_WORDS i64s (see protocol)
@@ -159,9 +161,8 @@ class ThreadState:
         self._deferred = b""
         self._outbox = b""  # answers to the oneway calls of the message being served
         self._serving = False  # a looper is running the commands of one message
-        self._poll_timed_out = False  # whether the last _recv_spinning polled its whole spin
-        self._looper_backoff = 0  # calls a looper skips polling after its next missed poll
-        self._looper_skip = 0  # calls left before a looper polls again
+        self._poll_timed_out = False  # whether the last poll in _recv ran its whole spin
+        self._looper_polls = LooperPolls()
         self._window = process.oneway_window  # windowed oneway calls at most in flight
         # The window ring: WINDOW_RING, or less if the broker allows smaller parcels.
         # Oneway parcels of up to a quarter of it (without a loan) go in the window;
@@ -370,7 +371,7 @@ class ThreadState:
 
         A looper that has just answered a two-way call polls for the next one for up
         to ``spin_us`` if no other looper of this process is polling (see
-        :meth:`_recv_spinning`): callers tend to call again at once, and with the
+        :func:`recv_polling`): callers tend to call again at once, and with the
         broker on another CPU the next call then costs no cross-CPU wake-up. One
         poller per process at most, because several starve the broker when they share
         its CPU; none after oneway calls, which come in streams that keep the broker
@@ -405,33 +406,20 @@ class ThreadState:
 
     def _next_work(self, answered_call: bool) -> bytes:
         """A looper's next message: polled for after a two-way call (see
-        :meth:`join_looper`), unless another looper polls or recent polls missed.
-
-        A poll that runs out without a message (no call came in time) makes this
-        looper skip polling for the next 1, 2, 4, ... up to :data:`MAX_LOOPER_SKIP`
-        calls, so a process called only now and then does not poll in vain after
-        every call; a poll that finds its message resets that, and so does one that
-        gave way to a busy thread on this CPU (it cost one ``sched_yield``, and the
-        wake-up it leads to is a cheap one on this CPU). Backing off after those too
-        once kept a server's loopers asleep for good on a busy host: every call then
-        paid a cross-CPU wake-up, which made the next gap longer still.
+        :meth:`join_looper`), unless another looper polls or :class:`LooperPolls`
+        says to skip polling (recent polls missed).
         """
         process = self._process
         if not answered_call or process.looper_polling or not process.spin_seconds:
             return self._recv()
-        if self._looper_skip:
-            self._looper_skip -= 1
+        if not self._looper_polls.should_poll():
             return self._recv()
         process.looper_polling = True
         try:
             message = self._recv(process.spin_seconds)
         finally:
             process.looper_polling = False
-        if not self._poll_timed_out:
-            self._looper_backoff = 0
-        else:
-            self._looper_backoff = min(MAX_LOOPER_SKIP, 2 * self._looper_backoff or 1)
-            self._looper_skip = self._looper_backoff
+        self._looper_polls.polled(self._poll_timed_out)
         return message
 
     def _handle(self, command: tuple[int, ...]) -> None:
@@ -713,52 +701,27 @@ class ThreadState:
             message += self._deferred
             self._deferred = b""
         try:
+            self._sock.send(message)
+            # After the message: a handle it names may be one a dropped proxy released.
             if self._process.releases:
                 for batch in self._process.take_releases():
                     self._sock.send(batch)
-            self._sock.send(message)
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
 
     def _recv(self, spin: float = 0.0) -> bytes:
-        """The next message from the broker; polls ``spin`` seconds before sleeping."""
+        """The next message from the broker; polls ``spin`` seconds before sleeping
+        (:func:`recv_polling`) and sets ``_poll_timed_out``."""
         try:
-            message = self._recv_spinning(spin) if spin else self._sock.recv(MAX_MESSAGE)
+            if spin:
+                message, self._poll_timed_out = recv_polling(self._sock, self._poller, spin)
+            else:
+                message = self._sock.recv(MAX_MESSAGE)
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
         if not message:
             raise BrokerUnavailableError("the broker closed the connection")
         return message
-
-    def _recv_spinning(self, spin: float) -> bytes:
-        """Poll for ``spin`` seconds, yielding the CPU between polls, then block.
-
-        A thread waiting for a reply polls (see :meth:`_observe_wait`), and so does
-        one looper per process after a two-way call (see :meth:`join_looper`): the
-        message usually comes within tens of microseconds and then costs no wake-up
-        (on virtual machines a wake-up on another CPU costs tens of µs, more than a
-        pybinder hop). Yielding keeps the poll from starving a thread that shares
-        this CPU; once a yield has run another busy thread here (most likely the
-        broker, which must run for the message to come), polling only delays it, so
-        the thread blocks at once. Sets ``_poll_timed_out``: whether the poll ran for
-        all of ``spin`` without the message.
-        """
-        sock = self._sock
-        deadline = time.perf_counter() + spin
-        self._poll_timed_out = False
-        while True:
-            try:
-                return sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            before = time.perf_counter()
-            if before >= deadline:
-                self._poll_timed_out = True
-                break
-            os.sched_yield()
-            if time.perf_counter() - before > SHARED_CPU_YIELD:
-                break
-        return sock.recv(MAX_MESSAGE)
 
     def _observe_wait(self, elapsed: float) -> None:
         """Fold one reply's wait (seconds) into the moving typical wait (EWMA, 1/8), and
@@ -828,6 +791,70 @@ class ThreadState:
                 _release(view)
                 with contextlib.suppress(BufferError):  # a loaned view is still out there
                     mapping.close()
+
+
+class LooperPolls:
+    """When a looper polls for its next call: after a poll that runs out without a
+    message (no call came in time) it skips polling for the next 1, 2, 4, ... up to
+    :data:`MAX_LOOPER_SKIP` calls, so a process called only now and then does not
+    poll in vain after every call.
+
+    A poll that finds its message resets that, and so does one that gave way to a
+    busy thread on this CPU (it cost one ``sched_yield``, and the wake-up it leads to
+    is a cheap one on this CPU). Backing off after those too once kept a server's
+    loopers asleep for good on a busy host: every call then paid a cross-CPU
+    wake-up, which made the next gap longer still.
+    """
+
+    def __init__(self) -> None:
+        self.backoff = 0  # calls to skip polling after the next poll that runs out
+        self.skip = 0  # calls left before the looper polls again
+
+    def should_poll(self) -> bool:
+        """Whether to poll for this call's message (or to block at once); counts it."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def polled(self, timed_out: bool) -> None:
+        """Record a poll: whether it ran its whole spin without the message."""
+        if not timed_out:
+            self.backoff = 0
+        else:
+            self.backoff = min(MAX_LOOPER_SKIP, 2 * self.backoff or 1)
+            self.skip = self.backoff
+
+
+def recv_polling(sock: socket.socket, poller: select.poll, spin: float) -> tuple[bytes, bool]:
+    """Poll ``sock`` for ``spin`` seconds, yielding the CPU between polls, then block;
+    return the message and whether the poll ran for all of ``spin`` without it.
+    ``poller`` has ``sock`` registered for POLLIN.
+
+    A thread waiting for a reply polls (see :meth:`ThreadState._observe_wait`), and so
+    does one looper per process after a two-way call (see
+    :meth:`ThreadState.join_looper`): the message usually comes within tens of
+    microseconds and then costs no wake-up (on virtual machines a wake-up on another
+    CPU costs tens of µs, more than a pybinder hop). Yielding keeps the poll from
+    starving a thread that shares this CPU; once a yield has run another busy thread
+    here (most likely the broker, which must run for the message to come), polling
+    only delays it, so the thread blocks at once. Each look is a ``poll(2)`` with no
+    timeout: a non-blocking ``recv`` that finds nothing costs four times as much here
+    (Python raises BlockingIOError for it).
+
+    Raises:
+        OSError: from the socket.
+    """
+    deadline = time.perf_counter() + spin
+    while True:
+        if poller.poll(0):
+            return sock.recv(MAX_MESSAGE), False
+        before = time.perf_counter()
+        if before >= deadline:
+            return sock.recv(MAX_MESSAGE), True
+        os.sched_yield()
+        if time.perf_counter() - before > SHARED_CPU_YIELD:
+            return sock.recv(MAX_MESSAGE), False
 
 
 def _goes_in_parts(encoded: parcel.EncodedParcel, tail_len: int) -> bool:
