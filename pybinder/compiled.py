@@ -1,11 +1,13 @@
 """Which modules mypyc compiles to C, and whether this process runs them compiled.
 
-The broker's hot path (decode, route, allocate, copy, send) is ordinary Python that
+The broker's hot path (decode, route, allocate, copy, send), and the client's and the
+server's (``runtime/thread_state``: send, wait, serve), is ordinary Python that
 ``pip install`` also compiles with mypyc when a C compiler is at hand (see
 ``setup.py`` and docs/performance.md): the same source, about a third fewer
-instructions per call. Python imports a module's extension (``*.so``) before its
-source, so two cases need care, and :func:`use_compiled_or_source` handles both
-before any compiled module is imported:
+instructions per call in the broker and a fifth fewer in the client and the server.
+Python imports a module's extension (``*.so``) before its source, so two cases need
+care, and :func:`use_compiled_or_source` handles both before any compiled module is
+imported:
 
 - ``PYBINDER_PURE=1`` in the environment runs the source everywhere (to debug, or to
   compare the two);
@@ -30,7 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-#: The modules mypyc compiles: everything the broker runs per transaction.
+#: The modules mypyc compiles: everything the broker runs per transaction, and each
+#: thread's channel to it (ThreadState) on the client's and the server's side.
 COMPILED_MODULES = (
     "pybinder.protocol",
     "pybinder.parcel",

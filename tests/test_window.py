@@ -228,3 +228,36 @@ def test_a_thread_behind_a_call_waiting_for_room_may_queue_64_commands(cluster, 
     assert service.recorded() == expected
     words.release()
     area.close()
+
+
+def test_a_release_behind_a_call_waiting_for_room_waits_with_it(cluster, proc, raw_thread):
+    """A thread's BC_RELEASE of a handle that its held windowed call names runs after
+    that call is copied, as binder's driver runs a thread's commands in order: the
+    handle is still there when the call is translated, and gone afterwards."""
+    cluster.server(region_size=64 << 10)  # about 32 KiB of async space
+    service = proc.get_service("test", ITest, timeout=10)
+    handle = service.binder.handle
+    deliveries = service.binder._deliveries[0]
+    area = give_send_area(raw_thread, 1 << 20)
+    words = memoryview(area)[len(area) - END_WORDS * 8 :].cast("q")
+    flags = TF_ONE_WAY | TF_WINDOW
+
+    def windowed(at: int, name: str, *args: object) -> bytes:
+        encoded = parcel.encode([ITest.DESCRIPTOR, list(args), {}], proc.encode_object)
+        encoded.write_into(memoryview(area)[at:])
+        return protocol.encode(BC_TRANSACTION, handle, code_of(name), flags, encoded.size, 0, 0, at)
+
+    raw_thread.send(windowed(0, "record_slowly", bytes(20 << 10), 0.5))  # holds 20 KiB
+    raw_thread.send(windowed(32 << 10, "record", bytes(20 << 10)))  # must wait for room
+    raw_thread.send(windowed(64 << 10, "record", service.binder))  # names the handle
+    raw_thread.send(protocol.encode(protocol.BC_RELEASE, handle, deliveries))
+    assert eventually(lambda: words[SETTLED_WORD] == 3)
+    assert words[FAILED_WORD] == 0  # the third call found its handle
+    with pybinder.connect(cluster.socket) as other:
+        recorded = other.get_service("test", ITest, timeout=10).recorded
+        assert eventually(lambda: len(recorded()) == 3)
+        assert isinstance(recorded()[2], pybinder.BinderProxy)  # the service itself
+    with pytest.raises(pybinder.BinderError):  # and then this process's handle went
+        service.recorded()
+    words.release()
+    area.close()

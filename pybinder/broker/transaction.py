@@ -40,6 +40,7 @@ from pybinder.parcel import (
 )
 from pybinder.parcel import encode as encode_parcel
 from pybinder.protocol import (
+    BC_RELEASE,
     BC_REPLY,
     BC_TRANSACTION,
     BR_DEAD_REPLY,
@@ -375,10 +376,12 @@ class Router:
     # -- a thread's commands held behind its waiting oneway call -----------------------
 
     def hold(self, thread: ThreadRecord, command: tuple[int, ...]) -> None:
-        """Keep a transaction command of a thread whose oneway call waits for room
-        (``thread.waiting_oneway``), or which has commands kept already, to run in
-        order once that call is copied: a sender with a window of oneway calls sends
-        on before the broker acknowledges the first, and its calls keep their order.
+        """Keep a transaction command (or a BC_RELEASE) of a thread whose oneway call
+        waits for room (``thread.waiting_oneway``), or which has commands kept
+        already, to run in order once that call is copied: a sender with a window of
+        oneway calls sends on before the broker acknowledges the first, its calls keep
+        their order, and a handle one of them names is released only after it (the
+        binder driver, too, runs a thread's commands in order).
 
         A thread that has :data:`~pybinder.protocol.MAX_BACKLOG` commands kept gets a
         protocol error for the next, which is dropped.
@@ -396,8 +399,9 @@ class Router:
             self.run_command(thread, backlog.pop(0))
 
     def run_command(self, thread: ThreadRecord, command: tuple[int, ...]) -> None:
-        """Run a BC_TRANSACTION, BC_REPLY or BC_PARCEL_READY of ``thread``, unpacked
-        here: a call with ``*args`` costs more."""
+        """Run a BC_TRANSACTION, BC_REPLY or BC_PARCEL_READY of ``thread`` (or a
+        BC_RELEASE that :meth:`hold` kept), unpacked here: a call with ``*args``
+        costs more."""
         op = command[0]
         if op == BC_TRANSACTION:
             _, handle, code, flags, size, tail_offset, tail_len, head_offset = command
@@ -405,6 +409,8 @@ class Router:
         elif op == BC_REPLY:
             _, flags, size, tail_offset, tail_len = command
             self.reply(thread, flags, size, tail_offset, tail_len)
+        elif op == BC_RELEASE:
+            self.release(thread, command[1], command[2])
         else:
             self.parcel_ready(thread, command[1])
 

@@ -479,7 +479,7 @@ class _ThreadSlot:
     to a native class without weak reference support.
     """
 
-    __slots__ = ("state", "__weakref__")
+    __slots__ = ("__weakref__", "state")
 
     def __init__(self, state: ThreadState) -> None:
         self.state = state
