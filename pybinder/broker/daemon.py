@@ -62,7 +62,6 @@ _TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _READABLE: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _HOT_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
 
-#: Commands that wait behind a thread's oneway call that waits for room (Router.hold).
 #: A thread's commands that wait, in order, behind its oneway call waiting for room
 #: (Router.hold). BC_RELEASE too: a held call may name the handle it releases.
 _HELD_COMMANDS: Final = frozenset(
