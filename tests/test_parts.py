@@ -15,6 +15,7 @@ import peers
 import pytest
 from peers import ITest, pattern
 from raw import answer, give_send_area
+from waiting import eventually
 
 import pybinder
 from pybinder import parcel, protocol
@@ -49,15 +50,6 @@ def region_in_use(proc, pid: int) -> int:
         if entry["pid"] == pid:
             return entry["region_in_use"]
     raise LookupError(pid)
-
-
-def eventually(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture

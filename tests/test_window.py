@@ -13,6 +13,7 @@ import time
 import pytest
 from peers import ITest
 from raw import answer, give_send_area
+from waiting import eventually
 
 import pybinder
 from pybinder import parcel, protocol
@@ -33,15 +34,6 @@ SLOW_S = 0.01  # seconds the server spends on each slow call
 
 def code_of(name: str) -> int:
     return next(m for m in ITest.METHODS if m.name == name).code
-
-
-def eventually(condition, timeout: float = 10.0) -> bool:
-    give_up = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > give_up:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_oneway_calls_queued_behind_a_slow_one_reach_the_server_in_batches_in_order(cluster, proc):
