@@ -60,7 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="µs the loop polls before it sleeps (default 200; 0: never spin)",
     )
+    broker.add_argument(
+        "--socket-mode",
+        type=lambda text: int(text, 8),
+        default=0o600,
+        help="octal permission bits of the socket (default 600: this user only;"
+        " 660 with --group shares it with a group, 666 with everyone)",
+    )
+    broker.add_argument("--group", default=None, help="group (name or gid) the socket belongs to")
     broker.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    from pybinder.broker.quotas import add_arguments
+
+    add_arguments(broker)
 
     commands.add_parser("services", help="list registered service names")
 
@@ -101,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _broker(args: argparse.Namespace) -> int:
     from pybinder.broker import Broker, BrokerAlreadyRunningError
     from pybinder.broker.daemon import DEFAULT_MAX_REGION_SIZE, DEFAULT_SPIN_US
+    from pybinder.broker.quotas import from_arguments
     from pybinder.paths import resolve_socket_path
     from pybinder.region import DEFAULT_REGION_SIZE
 
@@ -108,11 +120,20 @@ def _broker(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s pybinder-broker %(levelname)s %(message)s"
     )
     path = resolve_socket_path(args.broker_socket or args.socket)
+    try:
+        quotas = from_arguments(args)
+        group = None if args.group is None else _gid_of(args.group)
+    except (ValueError, KeyError) as exc:
+        print(f"pybinder broker: {exc}", file=sys.stderr)
+        return 2
     broker = Broker(
         path,
         max_region_size=args.max_region_size or DEFAULT_MAX_REGION_SIZE,
         default_region_size=args.region_size or DEFAULT_REGION_SIZE,
         spin_us=DEFAULT_SPIN_US if args.spin_us is None else args.spin_us,
+        quotas=quotas,
+        socket_mode=args.socket_mode,
+        socket_group=group,
     )
     try:
         broker.start()
@@ -129,6 +150,17 @@ def _broker(args: argparse.Namespace) -> int:
     finally:
         broker.close()
     return 0
+
+
+def _gid_of(group: str) -> int:
+    """A group's gid from its name or number.
+
+    Raises:
+        KeyError: no such group.
+    """
+    import grp
+
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _connect(args: argparse.Namespace) -> Any:

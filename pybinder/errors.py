@@ -57,6 +57,30 @@ class ProtocolError(BinderError):
     """A malformed frame or parcel: bad command, bad offset or length, bad header."""
 
 
+class QuotaExceededError(BinderError):
+    """A limit the broker sets per uid, process or connection was reached
+    (``pybinder broker --help`` lists them; ``pybinder.broker.quotas`` defines them).
+
+    Binder's driver answers such a transaction with BR_FAILED_REPLY (ENOMEM, ENOSPC);
+    here the caller learns which limit it hit.
+
+    Attributes:
+        quota: the quota's name, one of :data:`QUOTA_NAMES` (e.g. ``"nodes_per_process"``).
+        limit: the limit in force, in the quota's unit (a count, bytes or seconds).
+    """
+
+    def __init__(self, message: str = "", quota: str = "", limit: int = 0) -> None:
+        super().__init__(message or f"quota {quota} of {limit} reached")
+        self.quota = quota
+        self.limit = limit
+
+
+class SecurityError(BinderError, PermissionError):
+    """The broker's access policy denies this caller the action (Android's
+    SecurityException): adding, finding or calling a service name, or a broker whose
+    uid the client does not trust."""
+
+
 class RemoteError(BinderError):
     """A non-builtin exception raised by the remote method (Android's RemoteException).
 
@@ -81,8 +105,51 @@ ERROR_CODES: dict[int, type[BinderError]] = {
     6: InterfaceMismatchError,
     7: ProtocolError,
     8: BrokerUnavailableError,
+    9: QuotaExceededError,
+    10: SecurityError,
 }
 CODE_OF_ERROR: dict[type[BinderError], int] = {cls: code for code, cls in ERROR_CODES.items()}
+
+#: Every quota the broker enforces, by index: a BR_FAILED_REPLY or BR_ERROR with the
+#: code of QuotaExceededError carries the quota's index here in its size field and
+#: the limit in its limit field (see ``pybinder.broker.quotas`` for each meaning).
+QUOTA_NAMES: tuple[str, ...] = (
+    "connections_per_uid",
+    "hello_timeout_s",
+    "transactions_per_process",
+    "nodes_per_process",
+    "handles_per_process",
+    "region_bytes_per_uid",
+    "region_bytes_total",
+    "outbox_bytes",
+    "parts_timeout_s",
+    "waiters_per_process",
+    "services_per_uid",
+    "service_manager_parcel",
+)
+
+
+def quota_error(index: int, limit: int) -> QuotaExceededError:
+    """The caller-side error for quota number ``index`` (see :data:`QUOTA_NAMES`)."""
+    name = QUOTA_NAMES[index] if 0 <= index < len(QUOTA_NAMES) else f"quota #{index}"
+    return QuotaExceededError(f"the broker's quota {name} ({limit}) is reached", name, limit)
+
+
+class RegionUnavailableError(Exception):
+    """The broker cannot back a new receive region (raised in the broker, where the
+    client then gets BrokerUnavailableError saying so): /dev/shm is full.
+
+    Attributes:
+        size: the region's size in bytes.
+        free: the bytes /dev/shm had free.
+
+    It lives here, not in ``pybinder.region``, for the reason given below.
+    """
+
+    def __init__(self, message: str, size: int = 0, free: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.free = free
 
 
 class BrokerAlreadyRunningError(RuntimeError):

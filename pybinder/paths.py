@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -25,6 +26,23 @@ def resolve_socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(f"/tmp/pybinder-{os.getuid()}") / "broker.sock"
 
 
-def ensure_socket_dir(path: Path) -> None:
-    """Create the socket's directory with mode 0700 if it does not exist yet."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def ensure_socket_dir(path: Path, shared: bool = False) -> None:
+    """Create the socket's directory (mode 0700, or 0755 when ``shared``: the socket's
+    own mode then says who may connect) if it does not exist yet, and refuse one
+    that another user could have prepared: owned by a uid other than ours or root's,
+    or writable by its group or others (unless it is sticky, as /tmp).
+
+    Raises:
+        PermissionError: the directory is not one this process can trust.
+        OSError: it cannot be created.
+    """
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o755 if shared else 0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{directory} is not a directory (a symlink?)")
+    if info.st_uid not in (os.getuid(), 0):
+        raise PermissionError(f"{directory} belongs to uid {info.st_uid}, not to this user")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise PermissionError(f"{directory} is writable by others (mode {info.st_mode & 0o777:o})")

@@ -10,15 +10,24 @@ The owner maps its descriptor with ``PROT_READ``; because the descriptor is
 (binder clears VM_MAYWRITE for the same effect). The file's mode is 0400, so reopening
 ``/proc/self/fd/N`` for writing fails for any non-root user.
 
+Regions are backed when they are made (``posix_fallocate``): a full /dev/shm is a
+clear error at connect, never a SIGBUS in the broker at its first copy. The name
+lives from creation to unlink, a few microseconds; a broker killed in between leaves
+it, and the next broker to start removes every name of a broker that no longer runs
+(:func:`sweep_dead_brokers_names`; each name carries its broker's pid).
+
 A **send area** is one thread's outbox, shared with the broker only: a ``memfd`` the
-thread creates, sealed against shrinking (``F_SEAL_SHRINK``) so it cannot pull pages
-out from under the broker's mapping while the broker copies from it, and handed to
-the broker over the thread's socket.
+thread creates, sealed against shrinking and growing (``F_SEAL_SHRINK``,
+``F_SEAL_GROW``, ``F_SEAL_SEAL``) so it cannot pull pages out from under the
+broker's mapping while the broker copies from it, and handed to the broker over the
+thread's socket. The broker refuses any other descriptor (:func:`map_send_area`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -27,7 +36,7 @@ from typing import Final
 
 import posix_ipc
 
-from pybinder.errors import ProtocolError
+from pybinder.errors import ProtocolError, RegionUnavailableError
 
 #: Binder's default buffer space per process: 1 MiB minus two 4 KiB pages (BINDER_VM_SIZE).
 DEFAULT_REGION_SIZE: Final = 1024 * 1024 - 8 * 1024
@@ -41,6 +50,12 @@ SHM_PREFIX: Final = "pybinder-"
 #: Seals a send area must carry before the broker maps it.
 REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
+#: Seals a send area must not carry: the broker writes the words at its end.
+WRITE_SEALS: Final = fcntl.F_SEAL_WRITE | 0x0010  # F_SEAL_FUTURE_WRITE (Linux 5.1)
+
+#: Where POSIX shared memory names live.
+SHM_DIR: Final = "/dev/shm"
+
 
 class BrokerRegion:
     """The broker's read-write mapping of one process's receive region.
@@ -49,6 +64,10 @@ class BrokerRegion:
         size: the region's size in bytes.
         view: a writable memoryview of the whole region.
         address: where the mapping starts in the broker's memory (valid until close).
+
+    Raises:
+        RegionUnavailableError: /dev/shm has no room for ``size`` bytes.
+        OSError: the region cannot be created or mapped otherwise.
     """
 
     def __init__(self, size: int) -> None:
@@ -59,7 +78,11 @@ class BrokerRegion:
         finally:
             writable.unlink()
         try:
+            _back(writable.fd, size)
             self._map = mmap.mmap(writable.fd, size)
+        except BaseException:
+            os.close(readable.fd)
+            raise
         finally:
             writable.close_fd()
         self.size = size
@@ -81,6 +104,62 @@ class BrokerRegion:
             self._owner_fd = None
         self.view.release()
         self._map.close()
+
+
+def _back(fd: int, size: int) -> None:
+    """Give a new region its pages now (``posix_fallocate``), so that a full /dev/shm
+    fails here and not as a SIGBUS at the first copy into it.
+
+    Raises:
+        RegionUnavailableError: /dev/shm is full.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise
+        stats = os.statvfs(SHM_DIR)
+        free = stats.f_bavail * stats.f_frsize
+        raise RegionUnavailableError(
+            f"{SHM_DIR} is full: a receive region of {size} bytes does not fit in the"
+            f" {free} bytes free",
+            size,
+            free,
+        ) from None
+
+
+def sweep_dead_brokers_names(shm_dir: str = SHM_DIR) -> int:
+    """Remove the /dev/shm names that brokers no longer running left (a broker
+    killed between creating a region and unlinking its name); return how many.
+
+    Each name is ``pybinder-<broker pid>-<random>``; a name whose pid runs is left
+    alone (another broker may be making a region right now).
+    """
+    removed = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for name in names:
+        pid_text = name[len(SHM_PREFIX) :].split("-", 1)[0]
+        if not name.startswith(SHM_PREFIX) or not pid_text.isdigit():
+            continue
+        if _pid_runs(int(pid_text)):
+            continue
+        with contextlib.suppress(posix_ipc.ExistentialError, OSError):
+            posix_ipc.unlink_shared_memory("/" + name)
+            removed += 1
+    return removed
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def buffer_address(buffer: mmap.mmap | memoryview) -> int:
@@ -124,19 +203,34 @@ def map_send_area(fd: int, size: int) -> mmap.mmap:
 
     The broker reads it, and writes only the words at its end (the progress word of
     ``protocol.TF_RING`` and the settle words of ``protocol.TF_WINDOW``); ``ctypes``
-    takes the address of writable buffers only.
+    takes the address of writable buffers only. Only an ordinary memfd (no hugetlb)
+    opened read-write, sealed with :data:`REQUIRED_SEALS` and none of
+    :data:`WRITE_SEALS`, of at least ``size`` bytes, is taken: its pages can neither
+    go away nor refuse the broker's writes, so no client can make the broker fault.
 
     Raises:
-        ProtocolError: ``fd`` is not a memfd sealed against resizing, or is smaller
-            than ``size`` bytes.
+        ProtocolError: any other descriptor, or one that cannot be mapped (EPERM,
+            EACCES, ENOMEM, EINVAL, ...): the error names why.
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        stat = os.fstat(fd)
     except OSError:
         raise ProtocolError("a send area must be a sealed memfd") from None
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise ProtocolError(f"send area seals {seals:#x} lack {REQUIRED_SEALS:#x}")
-    actual = os.fstat(fd).st_size
-    if size <= 0 or actual < size:
-        raise ProtocolError(f"send area claims {size} bytes but holds {actual}")
-    return mmap.mmap(fd, size)
+    if seals & WRITE_SEALS:
+        raise ProtocolError(f"send area seals {seals:#x} forbid writing")
+    if access != os.O_RDWR:
+        raise ProtocolError("a send area must be open for reading and writing")
+    if stat.st_blksize != mmap.PAGESIZE:
+        raise ProtocolError(
+            f"a send area must be an ordinary memfd, not {stat.st_blksize}-byte pages"
+        )
+    if size <= 0 or stat.st_size < size:
+        raise ProtocolError(f"send area claims {size} bytes but holds {stat.st_size}")
+    try:
+        return mmap.mmap(fd, size)
+    except OSError as exc:
+        raise ProtocolError(f"cannot map the send area: {os.strerror(exc.errno or 0)}") from None

@@ -31,6 +31,7 @@ from typing import Any, Final
 from pybinder import protocol
 from pybinder.broker.one_copy import STREAM_MIN
 from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.quotas import LogBudget, Quotas, error_fields
 from pybinder.broker.service_manager import ServiceManager
 from pybinder.broker.transaction import Router
 from pybinder.compiled import running_compiled
@@ -38,13 +39,34 @@ from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
     BrokerAlreadyRunningError,
+    BrokerUnavailableError,
     ProtocolError,
+    QuotaExceededError,
 )
 from pybinder.paths import ensure_socket_dir
 from pybinder.protocol import BC_FREE_BUFFER, BC_REPLY, BC_TRANSACTION, MAX_MESSAGE
-from pybinder.region import DEFAULT_REGION_SIZE, MIN_REGION_SIZE, map_send_area
+from pybinder.region import (
+    DEFAULT_REGION_SIZE,
+    MIN_REGION_SIZE,
+    RegionUnavailableError,
+    map_send_area,
+    sweep_dead_brokers_names,
+)
 
 log: Final = logging.getLogger("pybinder.broker")
+log.addFilter(LogBudget())
+
+#: Protocol offences (malformed or refused commands) a connection may commit within
+#: :data:`OFFENCE_WINDOW_S` seconds; the next one disconnects its process.
+MAX_OFFENCES: Final = 100
+OFFENCE_WINDOW_S: Final = 10.0
+
+#: How long the listener rests when the broker is out of descriptors (EMFILE, ENFILE),
+#: in seconds, so that a connection flood does not spin the loop.
+ACCEPT_PAUSE_S: Final = 0.1
+
+#: How often the loop looks for parcels in parts whose sender stopped, in seconds.
+SWEEP_INTERVAL_S: Final = 1.0
 
 #: Default cap on a region (and so on a parcel), in bytes: 256 MiB.
 DEFAULT_MAX_REGION_SIZE: Final = 256 * 1024 * 1024
@@ -74,7 +96,20 @@ class Connection:
     """One accepted socket: a process connection, a thread connection, or not yet
     introduced. Outgoing messages queue when the peer's receive buffer is full."""
 
-    __slots__ = ("fd", "gid", "outbox", "pid", "process", "sock", "thread", "uid")
+    __slots__ = (
+        "fd",
+        "gid",
+        "hello_timer",
+        "offences",
+        "offences_since",
+        "outbox",
+        "outbox_bytes",
+        "pid",
+        "process",
+        "sock",
+        "thread",
+        "uid",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -85,18 +120,34 @@ class Connection:
         self.process: ProcessRecord | None = None
         self.thread: ThreadRecord | None = None
         self.outbox: deque[tuple[bytes, list[int]]] = deque()
+        self.outbox_bytes = 0
+        self.hello_timer: _Timer | None = None
+        self.offences = 0
+        self.offences_since = 0.0
+
+    @property
+    def owner(self) -> ProcessRecord | None:
+        """The process this connection belongs to, once it said hello."""
+        if self.process is not None:
+            return self.process
+        return self.thread.process if self.thread is not None else None
 
 
 class _Timer:
-    __slots__ = ("callback", "cancelled", "deadline")
+    """A callback due at ``deadline`` (monotonic seconds); see Broker.call_later."""
 
-    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+    __slots__ = ("broker", "callback", "cancelled", "deadline")
+
+    def __init__(self, broker: Broker, deadline: float, callback: Callable[[], None]) -> None:
+        self.broker = broker
         self.deadline = deadline
         self.callback = callback
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.broker.timer_cancelled()
 
 
 class Broker:
@@ -108,6 +159,11 @@ class Broker:
         default_region_size: the region a process gets when it asks for none, in bytes.
         spin_us: how long the loop polls, yielding the CPU, before it sleeps in
             epoll, in µs; the next command of a call in progress then needs no wake-up.
+        quotas: the limits on what clients can make it hold (see
+            :mod:`pybinder.broker.quotas`); None: the defaults.
+        socket_mode: the socket file's permission bits (0o600: its owner only;
+            0o660 with ``socket_group``: a group may connect too).
+        socket_group: the gid the socket file gets, or None to leave it.
 
     Raises:
         BrokerAlreadyRunningError: from :meth:`start`, if another broker is live.
@@ -119,14 +175,26 @@ class Broker:
         max_region_size: int = DEFAULT_MAX_REGION_SIZE,
         default_region_size: int = DEFAULT_REGION_SIZE,
         spin_us: float = DEFAULT_SPIN_US,
+        quotas: Quotas | None = None,
+        socket_mode: int = 0o600,
+        socket_group: int | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.spin_seconds = max(0.0, spin_us) / 1e6
         self.max_region_size = max(MIN_REGION_SIZE, max_region_size)
         self.default_region_size = min(default_region_size, self.max_region_size)
-        self.router = Router(self._send)
+        self.quotas = (quotas or Quotas()).with_total_from_shm()
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.router = Router(self._send, self.quotas)
         self.router.service_manager = ServiceManager(self.router, self.call_later, self.status)
         self._conns: dict[int, Connection] = {}
+        self._conns_of_uid: dict[int, int] = {}
+        self._process_conns: dict[int, Connection] = {}
+        self._region_bytes_of_uid: dict[int, int] = {}
+        self._region_bytes = 0
+        self._cancelled_timers = 0
+        self._accept_paused = False
         self._closing: list[Connection] = []
         self._timers: list[tuple[float, int, _Timer]] = []
         self._timer_seq = itertools.count()
@@ -167,8 +235,11 @@ class Broker:
             BrokerAlreadyRunningError: another broker is listening on the path.
             OSError: the path cannot be created or bound.
         """
-        ensure_socket_dir(self.socket_path)
+        ensure_socket_dir(self.socket_path, shared=self.socket_mode & 0o077 != 0)
         self._take_lock()
+        swept = sweep_dead_brokers_names()
+        if swept:
+            log.info("removed %d /dev/shm names that brokers killed earlier left", swept)
         if self.socket_path.exists() or self.socket_path.is_symlink():
             if _is_live(self.socket_path):
                 raise BrokerAlreadyRunningError(
@@ -178,12 +249,16 @@ class Broker:
             self.socket_path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(str(self.socket_path))
+        if self.socket_group is not None:
+            os.chown(self.socket_path, -1, self.socket_group)
+        os.chmod(self.socket_path, self.socket_mode)
         listener.listen(128)
         listener.setblocking(False)
         self._socket_ino = os.stat(self.socket_path).st_ino
         self._listener = listener
         self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._epoll.register(self._wakeup_r.fileno(), select.EPOLLIN)
+        self.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def serve_forever(self) -> None:
         """Run the event loop until :meth:`stop` (or SIGTERM/SIGINT once
@@ -196,10 +271,7 @@ class Broker:
             for fd, events in self._poll():
                 conn = conns.get(fd)
                 if conn is not None:
-                    if events & select.EPOLLOUT:
-                        self._flush(conn)
-                    if events & _READABLE:
-                        self._read(conn)
+                    self._serve(conn, events)
                 elif fd == listen_fd:
                     self._accept()
                 elif fd == wakeup_fd:
@@ -210,6 +282,31 @@ class Broker:
                 self._run_timers()
                 if self._closing:
                     self._close_pending()
+
+    def _serve(self, conn: Connection, events: int) -> None:
+        """Handle a connection's events. This is the safety net of the edge: an
+        unexpected exception while serving one client disconnects that client, with
+        the traceback in the log, and never stops the broker."""
+        try:
+            if events & select.EPOLLOUT:
+                self._flush(conn)
+            if events & _READABLE:
+                self._read(conn)
+        except Exception:
+            log.exception("unexpected error serving pid %d; disconnecting it", conn.pid)
+            self._disconnect(conn)
+
+    def _disconnect(self, conn: Connection) -> None:
+        """Close ``conn`` and, if it said hello, its whole process: a process one of
+        whose threads the broker stopped serving cannot go on consistently."""
+        self._closing.append(conn)
+        owner = conn.owner
+        if owner is not None and not owner.dead:
+            for thread in owner.threads:
+                self._closing.append(thread.conn)
+            process_conn = self._process_conns.get(owner.key)
+            if process_conn is not None:
+                self._closing.append(process_conn)
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler or another thread."""
@@ -257,17 +354,34 @@ class Broker:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
         """Run ``callback`` on the loop after ``delay`` seconds; returns a cancellable timer."""
-        timer = _Timer(time.monotonic() + delay, callback)
+        timer = _Timer(self, time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.deadline, next(self._timer_seq), timer))
         return timer
 
-    def status(self) -> dict[str, Any]:
-        """Everything ``pybinder status`` shows; sizes in bytes, times in seconds."""
+    def timer_cancelled(self) -> None:
+        """Count a cancelled timer; once they are half the heap, drop them all, so
+        that waits given up (a get_service that found its name) cost no memory."""
+        self._cancelled_timers += 1
+        if self._cancelled_timers * 2 > len(self._timers) + 64:
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
+
+    def status(self, caller_uid: int = 0) -> dict[str, Any]:
+        """Everything ``pybinder status`` shows; sizes in bytes, times in seconds.
+
+        A caller other than root sees only its own uid's processes and the services
+        it may find; the cost is O(its own processes), not O(every process).
+        """
         router = self.router
         sm = router.service_manager
         assert sm is not None
+        if caller_uid == 0:
+            shown = list(router.processes.values())
+        else:
+            shown = list(router.processes_of_uid.get(caller_uid, ()))
         processes = []
-        for process in router.processes.values():
+        for process in shown:
             entry: dict[str, Any] = dict(process.status())
             entry["services"] = sm.services_of(process)
             processes.append(entry)
@@ -288,7 +402,10 @@ class Broker:
                 "compiled": running_compiled(),
             },
             "processes": processes,
-            "services": {name: s.pid for name, s in sorted(sm.services.items())},
+            "services": sm.visible_services(caller_uid),
+            "quotas": {
+                name: getattr(self.quotas, name) for name in type(self.quotas).__dataclass_fields__
+            },
         }
 
     # -- lock and socket ------------------------------------------------------------------
@@ -318,6 +435,7 @@ class Broker:
     def _next_timeout(self) -> float:
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
+            self._cancelled_timers = max(0, self._cancelled_timers - 1)
         if not self._timers:
             return -1
         return max(0.0, self._timers[0][0] - time.monotonic())
@@ -325,23 +443,31 @@ class Broker:
     def _poll(self) -> list[tuple[int, int]]:
         """The next events: polled without sleeping for up to ``spin_seconds``
         (yielding the CPU between polls), then waited for in epoll."""
-        if self.spin_seconds:
-            deadline = time.perf_counter() + self.spin_seconds
+        timeout = self._next_timeout()
+        if self.spin_seconds and timeout != 0:
+            spin = self.spin_seconds if timeout < 0 else min(self.spin_seconds, timeout)
+            deadline = time.perf_counter() + spin
             while True:
                 events = self._epoll.poll(0)
                 if events:
                     return events
-                if time.perf_counter() >= deadline or self._timers:
+                if time.perf_counter() >= deadline:
                     break
                 os.sched_yield()
-        return self._epoll.poll(self._next_timeout())
+            timeout = self._next_timeout()
+        return self._epoll.poll(timeout)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            if timer.cancelled:
+                self._cancelled_timers = max(0, self._cancelled_timers - 1)
+                continue
+            try:
                 timer.callback()
+            except Exception:  # the safety net, as in _serve: never the broker
+                log.exception("unexpected error in a timer callback %r", timer.callback)
 
     def _drain_wakeup(self) -> None:
         """Read the wakeup socket: a byte from :meth:`stop`, or a signal's number."""
@@ -351,18 +477,59 @@ class Broker:
                     self._stopping = True
 
     def _accept(self) -> None:
-        assert self._listener is not None
+        listener = self._listener
+        assert listener is not None
         try:
-            sock, _ = self._listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             log.warning("accept failed: %s", exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._pause_accepting()
             return
         sock.setblocking(False)
         conn = Connection(sock)
+        count = self._conns_of_uid.get(conn.uid, 0) + 1
+        if self.quotas.over("connections_per_uid", conn.uid, count):
+            log.warning("uid %d (pid %d) refused: connections_per_uid reached", conn.uid, conn.pid)
+            error = self.quotas.error("connections_per_uid")
+            with contextlib.suppress(OSError):
+                sock.send(_error_message(error))
+            sock.close()
+            return
+        self._conns_of_uid[conn.uid] = count
         self._conns[conn.fd] = conn
         self._epoll.register(conn.fd, select.EPOLLIN)
+        conn.hello_timer = self.call_later(
+            self.quotas.hello_timeout_s, lambda: self._hello_overdue(conn)
+        )
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listener for a moment: out of descriptors, it would be
+        readable (and failing) at once again."""
+        if self._accept_paused or self._listener is None:
+            return
+        self._accept_paused = True
+        self._epoll.unregister(self._listener.fileno())
+        self.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused and self._listener is not None:
+            self._accept_paused = False
+            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+
+    def _hello_overdue(self, conn: Connection) -> None:
+        conn.hello_timer = None
+        if conn.process is None and conn.thread is None and conn.fd in self._conns:
+            log.warning("pid %d (uid %d) said no hello in time; closed", conn.pid, conn.uid)
+            self._closing.append(conn)
+            self._close_pending()
+
+    def _sweep(self) -> None:
+        """Fail parcels in parts whose sender stopped sending (parts_timeout_s)."""
+        self.router.expire_parts(time.monotonic() - self.quotas.parts_timeout_s)
+        self.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _read(self, conn: Connection) -> None:
         try:
@@ -377,7 +544,8 @@ class Broker:
             if not data:
                 self._closing.append(conn)
             elif flags & _TRUNCATED:
-                self._reject(conn, ProtocolError(f"message longer than {MAX_MESSAGE} bytes"))
+                error = ProtocolError(f"message longer than {MAX_MESSAGE} bytes, or too many fds")
+                self._reject(conn, error)
             else:
                 self._handle_message(conn, data, fds)
         finally:
@@ -408,14 +576,25 @@ class Broker:
                     raise ProtocolError("this command needs a thread connection (BC_HELLO_THREAD)")
                 else:
                     handler(thread, *command[1:])
-        except (ProtocolError, KeyError) as exc:
-            error = exc if isinstance(exc, ProtocolError) else ProtocolError(f"unexpected {exc}")
-            self._reject(conn, error)
+        except KeyError:
+            self._reject(conn, ProtocolError("a command this connection may not send"))
+        except (ProtocolError, QuotaExceededError, BrokerUnavailableError) as exc:
+            self._reject(conn, exc)
 
-    def _reject(self, conn: Connection, error: ProtocolError) -> None:
-        """Answer a malformed message with BR_ERROR; the connection stays usable."""
-        log.warning("pid %d sent a bad message: %s", conn.pid, error)
-        self._send(conn, protocol.encode(protocol.BR_ERROR, CODE_OF_ERROR[ProtocolError], 0, 0))
+    def _reject(self, conn: Connection, error: BinderError) -> None:
+        """Answer a malformed or refused message with BR_ERROR (binder answers
+        BR_FAILED_REPLY); the connection stays usable. A connection that offends
+        :data:`MAX_OFFENCES` times within :data:`OFFENCE_WINDOW_S` is disconnected."""
+        log.warning("pid %d (uid %d) sent a bad message: %s", conn.pid, conn.uid, error)
+        now = time.monotonic()
+        if now - conn.offences_since > OFFENCE_WINDOW_S:
+            conn.offences, conn.offences_since = 0, now
+        conn.offences += 1
+        if conn.offences > MAX_OFFENCES:
+            log.warning("pid %d (uid %d) keeps offending; disconnected", conn.pid, conn.uid)
+            self._disconnect(conn)
+            return
+        self._send(conn, _error_message(error))
 
     # -- hello and send areas -----------------------------------------------------------------
 
@@ -424,15 +603,20 @@ class Broker:
         self._check_fresh(conn, version)
         size = requested or self.default_region_size
         size = min(max(size, MIN_REGION_SIZE), self.max_region_size)
+        self._check_region_quota(conn.uid, size)
         key = secrets.randbits(63)
         try:
             process = ProcessRecord(key, conn.pid, conn.uid, conn.gid, size)
-        except OSError as exc:
-            log.error("cannot create a %d-byte region for pid %d: %s", size, conn.pid, exc)
-            code = CODE_OF_ERROR[BinderError]
-            self._send(conn, protocol.encode(protocol.BR_ERROR, code, size, 0))
+        except RegionUnavailableError as exc:
+            log.error("cannot create a region for pid %d: %s", conn.pid, exc)
+            code = CODE_OF_ERROR[BrokerUnavailableError]
+            self._send(conn, protocol.encode(protocol.BR_ERROR, code, size, exc.free))
             return
-        self.router.processes[key] = process
+        self._said_hello(conn)
+        self.router.add_process(process)
+        self._process_conns[key] = conn
+        self._region_bytes += size
+        self._region_bytes_of_uid[conn.uid] = self._region_bytes_of_uid.get(conn.uid, 0) + size
         conn.process = process
         reply = protocol.encode(protocol.BR_HELLO_PROCESS, key, size, self.max_region_size)
         owner_fd = process.region.take_owner_fd()
@@ -442,12 +626,27 @@ class Broker:
             os.close(owner_fd)
         log.info("pid %d (uid %d) connected, region %d bytes", conn.pid, conn.uid, size)
 
+    def _check_region_quota(self, uid: int, size: int) -> None:
+        """Raise QuotaExceededError if a new region of ``size`` bytes for ``uid``
+        would pass region_bytes_per_uid or region_bytes_total."""
+        quotas = self.quotas
+        if quotas.over("region_bytes_per_uid", uid, self._region_bytes_of_uid.get(uid, 0) + size):
+            raise quotas.error("region_bytes_per_uid", f"a region of {size} bytes")
+        if quotas.over("region_bytes_total", uid, self._region_bytes + size):
+            raise quotas.error("region_bytes_total", f"a region of {size} bytes")
+
+    def _said_hello(self, conn: Connection) -> None:
+        if conn.hello_timer is not None:
+            conn.hello_timer.cancel()
+            conn.hello_timer = None
+
     def _hello_thread(self, conn: Connection, fields: tuple[int, ...], fds: list[int]) -> None:
         version, key = fields
         self._check_fresh(conn, version)
         process = self.router.processes.get(key)
         if process is None or process.pid != conn.pid or process.uid != conn.uid:
             raise ProtocolError("BC_HELLO_THREAD names no process state of this caller")
+        self._said_hello(conn)
         thread = ThreadRecord(process, conn)
         process.threads.append(thread)
         conn.thread = thread
@@ -464,14 +663,28 @@ class Broker:
     def _set_send_area(self, conn: Connection, fields: tuple[int, ...], fds: list[int]) -> None:
         thread = self._thread_of(conn)
         size, which = fields
-        if not fds:
-            raise ProtocolError("BC_SET_SEND_AREA without a descriptor")
-        if size > self.max_region_size:
-            raise ProtocolError(f"an area of {size} bytes exceeds {self.max_region_size}")
+        if len(fds) != 1:
+            raise ProtocolError(f"BC_SET_SEND_AREA with {len(fds)} descriptors, not one")
+        if not 0 < size <= self.max_region_size:
+            raise ProtocolError(f"an area of {size} bytes; the most is {self.max_region_size}")
         if which not in (protocol.SEND_AREA, protocol.LOAN_AREA):
             raise ProtocolError(f"no area {which}")
+        if thread.held or thread.parts is not None:
+            raise ProtocolError("an area cannot change while a transaction still reads it")
         thread.set_area(which, map_send_area(fds[0], size))
         self._send(conn, protocol.encode(protocol.BR_OK))
+
+    def _forget_region(self, process: ProcessRecord) -> None:
+        """Take a closed process's region off the byte counts (once)."""
+        if self._process_conns.pop(process.key, None) is None:
+            return
+        size = process.region_size
+        self._region_bytes -= size
+        left = self._region_bytes_of_uid.get(process.uid, size) - size
+        if left > 0:
+            self._region_bytes_of_uid[process.uid] = left
+        else:
+            self._region_bytes_of_uid.pop(process.uid, None)
 
     @staticmethod
     def _thread_of(conn: Connection) -> ThreadRecord:
@@ -483,7 +696,7 @@ class Broker:
 
     def _send(self, conn: Connection, message: bytes, fds: list[int] | None = None) -> None:
         if conn.outbox:
-            conn.outbox.append((message, [os.dup(fd) for fd in fds or []]))
+            self._queue(conn, message, fds)
             return
         try:
             if fds:
@@ -491,11 +704,26 @@ class Broker:
             else:
                 conn.sock.send(message)
         except BlockingIOError:
-            conn.outbox.append((message, [os.dup(fd) for fd in fds or []]))
+            self._queue(conn, message, fds)
             with contextlib.suppress(OSError):
                 self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
         except OSError:
             self._closing.append(conn)
+
+    def _queue(self, conn: Connection, message: bytes, fds: list[int] | None) -> None:
+        """Keep a message for a peer whose socket is full; a peer that lets more than
+        ``outbox_bytes`` pile up does not read, and its process is disconnected."""
+        conn.outbox_bytes += len(message)
+        if self.quotas.over("outbox_bytes", conn.uid, conn.outbox_bytes):
+            if conn.fd in self._conns and conn not in self._closing:
+                log.warning(
+                    "pid %d (uid %d) does not read its socket (outbox_bytes reached); disconnected",
+                    conn.pid,
+                    conn.uid,
+                )
+                self._disconnect(conn)
+            return
+        conn.outbox.append((message, [os.dup(fd) for fd in fds or []]))
 
     def _flush(self, conn: Connection) -> None:
         while conn.outbox:
@@ -511,6 +739,7 @@ class Broker:
                 self._closing.append(conn)
                 return
             conn.outbox.popleft()
+            conn.outbox_bytes -= len(message)
             for fd in fds:
                 os.close(fd)
         with contextlib.suppress(OSError):
@@ -532,6 +761,15 @@ class Broker:
             for fd in fds:
                 os.close(fd)
         conn.outbox.clear()
+        conn.outbox_bytes = 0
+        self._said_hello(conn)
+        left = self._conns_of_uid.get(conn.uid, 1) - 1
+        if left > 0:
+            self._conns_of_uid[conn.uid] = left
+        else:
+            self._conns_of_uid.pop(conn.uid, None)
+        if conn.process is not None:
+            self._forget_region(conn.process)
         if not notify:
             return
         if conn.process is not None:
@@ -542,6 +780,12 @@ class Broker:
             self.router.process_died(process)
         elif conn.thread is not None:
             self.router.thread_exited(conn.thread)
+
+
+def _error_message(error: BinderError) -> bytes:
+    """BR_ERROR for ``error`` (see quotas.error_fields)."""
+    size, limit = getattr(error, "size", 0), getattr(error, "limit", 0)
+    return protocol.encode(protocol.BR_ERROR, *error_fields(error, size, limit))
 
 
 def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

@@ -134,6 +134,7 @@ class Parts:
         "flags",
         "handle",
         "is_reply",
+        "last_part",
         "ring",
         "size",
         "target",
@@ -148,6 +149,7 @@ class Parts:
         self.size = size
         self.is_reply = is_reply
         self.copied = 0
+        self.last_part = 0.0  # when the last part (or the first command) came, monotonic s
         self.ring = False
         self.target: ProcessRecord | None = None
         self.buffer: Buffer | None = None
@@ -170,6 +172,7 @@ class ThreadRecord:
             of them failed (the numbers in its send area's settle words).
         window_call: the command being run is a TF_WINDOW call (its failure is
             counted as settled).
+        sm_waits: its get_service calls waiting in the service manager.
     """
 
     def __init__(self, process: ProcessRecord, conn: Connection) -> None:
@@ -186,6 +189,7 @@ class ThreadRecord:
         self.settled = 0
         self.settle_failures = 0
         self.window_call = False
+        self.sm_waits = 0  # its get_service calls waiting in the service manager
 
     @property
     def idle(self) -> bool:

@@ -21,6 +21,8 @@ from pybinder.errors import (
     BinderError,
     InterfaceMismatchError,
     ProtocolError,
+    QuotaExceededError,
+    SecurityError,
     ServiceNotFoundError,
     UnknownTransactionError,
 )
@@ -34,6 +36,13 @@ from pybinder.protocol import (
 log = logging.getLogger("pybinder.broker")
 
 MAX_NAME_LENGTH = 255
+
+#: The longest a get_service may wait for its name, in seconds: one day.
+MAX_WAIT_S = 86400.0
+
+#: The most bytes of names one list_services reply carries (a page); the runtime
+#: asks for pages until it has them all.
+LIST_PAGE_BYTES = 192 * 1024
 
 _DEFERRED = object()
 
@@ -78,7 +87,11 @@ class ServiceManager:
         self._call_later = call_later
         self._status = status
         self.services: dict[str, Service] = {}
+        self._names_of: dict[ProcessRecord, set[str]] = {}  # owner -> its names
+        self._names_of_uid: dict[int, int] = {}  # uid -> how many names it holds
+        self._sorted: list[str] | None = None  # the names, sorted; None once stale
         self._waiters: dict[str, list[Waiter]] = {}
+        self._waiters_of: dict[ProcessRecord, int] = {}
         self._handlers: dict[int, Callable[..., Any]] = {
             protocol.SM_CHECK_SERVICE: self._check_service,
             protocol.SM_WAIT_FOR_SERVICE: self._wait_for_service,
@@ -98,9 +111,11 @@ class ServiceManager:
             result = self._call(thread, code, data)
             body: list[Any] = [REPLY_OK, result]
         except BinderError as exc:
+            if isinstance(exc, SecurityError | QuotaExceededError):
+                log.warning("pid %d (uid %d): %s", thread.process.pid, thread.process.uid, exc)
             body = [REPLY_BINDER_ERROR, CODE_OF_ERROR.get(type(exc), 1), str(exc)]
-        except (TypeError, ValueError, PermissionError) as exc:
-            body = [REPLY_EXCEPTION, "builtins", type(exc).__name__, str(exc), ""]
+        except (TypeError, ValueError) as exc:
+            body = [REPLY_EXCEPTION, "builtins", type(exc).__name__, [str(exc)], ""]
         if not oneway and body[1] is not _DEFERRED:
             self.reply(thread, body)
 
@@ -118,6 +133,10 @@ class ServiceManager:
         handler = self._handlers.get(code)
         if handler is None:
             raise UnknownTransactionError(f"the service manager has no method with code {code}")
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ProtocolError("a service manager call is [descriptor, args, kwargs]")
+        if "thread" in kwargs:
+            raise TypeError("unexpected keyword argument 'thread'")
         return handler(thread, *args, **kwargs)
 
     def reply(self, thread: ThreadRecord, body: list[Any]) -> None:
@@ -133,23 +152,54 @@ class ServiceManager:
     def _wait_for_service(
         self, thread: ThreadRecord, name: str, timeout: float | None = None
     ) -> Any:
+        timeout = _checked_timeout(timeout)
         found = self._check_service(thread, name)
         if found is not None:
             return found
         if timeout is not None and timeout <= 0:
             raise ServiceNotFoundError(f"no service named {name!r}")
+        process = thread.process
+        waiting = self._waiters_of.get(process, 0) + 1
+        quotas = self._router.quotas
+        if quotas.over("waiters_per_process", process.uid, waiting):
+            raise quotas.error("waiters_per_process", f"waiting for {name!r}")
+        self._waiters_of[process] = waiting
         waiter = Waiter(thread, None)
         if timeout is not None:
-            waiter.timer = self._call_later(float(timeout), lambda: self._time_out(name, waiter))
+            waiter.timer = self._call_later(timeout, lambda: self._time_out(name, waiter))
         self._waiters.setdefault(name, []).append(waiter)
+        thread.sm_waits += 1
         return _DEFERRED
 
+    def _stop_waiting(self, name: str, waiter: Waiter) -> bool:
+        """Take ``waiter`` off ``name``'s list (and its timer off the loop); False if
+        it was not there."""
+        waiters = self._waiters.get(name)
+        if not waiters or waiter not in waiters:
+            return False
+        waiters.remove(waiter)
+        if not waiters:
+            del self._waiters[name]
+        self._waited(waiter)
+        return True
+
+    def _waited(self, waiter: Waiter) -> None:
+        """A wait ended: count it off its process, cancel its timer."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+            waiter.timer = None
+        thread = waiter.thread
+        thread.sm_waits -= 1
+        process = thread.process
+        left = self._waiters_of.get(process, 1) - 1
+        if left > 0:
+            self._waiters_of[process] = left
+        else:
+            self._waiters_of.pop(process, None)
+
     def _time_out(self, name: str, waiter: Waiter) -> None:
-        waiters = self._waiters.get(name, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self._waiters[name]
+        waiter.timer = None
+        if self._stop_waiting(name, waiter):
             error = ServiceNotFoundError(f"no service named {name!r} appeared in time")
             code = CODE_OF_ERROR[ServiceNotFoundError]
             self.reply(waiter.thread, [REPLY_BINDER_ERROR, code, str(error)])
@@ -162,57 +212,141 @@ class ServiceManager:
         check_entry(process, binder.kind, binder.value)
         existing = self.services.get(name)
         if existing is not None and process.uid not in (0, existing.uid):
-            raise PermissionError(f"service {name!r} belongs to uid {existing.uid}")
+            raise SecurityError(
+                f"uid {process.uid} may not add service {name!r}: uid {existing.uid} holds it"
+            )
+        self._check_names_quota(process, existing)
+        quotas = self._router.quotas
+        new_node = binder.kind == parcel.OBJ_NODE and binder.value not in process.nodes
+        if new_node and quotas.over("nodes_per_process", process.uid, len(process.nodes) + 1):
+            raise quotas.error("nodes_per_process", f"pid {process.pid}'s objects")
         node = self._router.node_for_entry(process, binder.kind, binder.value)
         node.holders += 1
-        self.services[name] = Service(node, process.uid, process.pid)
-        log.info("service %r added by pid %d", name, process.pid)
         if existing is not None:
-            self._drop(existing)
+            self._remove(name, existing)
+        self.services[name] = Service(node, process.uid, process.pid)
+        self._names_of.setdefault(node.owner, set()).add(name)
+        self._names_of_uid[process.uid] = self._names_of_uid.get(process.uid, 0) + 1
+        self._sorted = None
+        log.info("service %r added by pid %d", name, process.pid)
         for waiter in self._waiters.pop(name, []):
-            if waiter.timer is not None:
-                waiter.timer.cancel()
+            self._waited(waiter)
             if waiter.thread.alive:
                 self.reply(waiter.thread, [REPLY_OK, self._ref_for(waiter.thread.process, node)])
 
-    def _list_services(self, thread: ThreadRecord) -> list[str]:
-        return sorted(self.services)
+    def _check_names_quota(self, process: ProcessRecord, existing: Service | None) -> None:
+        quotas = self._router.quotas
+        held = self._names_of_uid.get(process.uid, 0)
+        if existing is not None and existing.uid == process.uid:
+            held -= 1  # a re-add replaces its own name
+        if quotas.over("services_per_uid", process.uid, held + 1):
+            raise quotas.error("services_per_uid", f"uid {process.uid}'s names")
+
+    def _list_services(self, thread: ThreadRecord, start: int = 0) -> list[str]:
+        """A page of the sorted names from index ``start``: at most
+        :data:`LIST_PAGE_BYTES` of names, and at most a quarter of the caller's region;
+        an empty page when ``start`` is past the end."""
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError("list_services(start) needs an int >= 0")
+        if self._sorted is None:
+            self._sorted = sorted(self.services)
+        names = self._sorted
+        budget = min(LIST_PAGE_BYTES, thread.process.region_size // 4)
+        page: list[str] = []
+        for name in names[start:]:
+            budget -= len(name.encode()) + 3  # msgpack's str header
+            if budget < 0 and page:
+                break
+            page.append(name)
+        return page
 
     def _status_call(self, thread: ThreadRecord) -> dict[str, Any]:
-        return self._status()
+        return self._status(thread.process.uid)
 
     # -- deaths -----------------------------------------------------------------------
 
     def forget_thread(self, thread: ThreadRecord) -> None:
-        """Drop the waits of a thread that has gone."""
+        """Drop the waits of a thread that has gone (none: nothing to look at)."""
+        if not thread.sm_waits:
+            return
         for name, waiters in list(self._waiters.items()):
             for waiter in [w for w in waiters if w.thread is thread]:
-                if waiter.timer is not None:
-                    waiter.timer.cancel()
-                waiters.remove(waiter)
-            if not waiters:
-                del self._waiters[name]
+                self._stop_waiting(name, waiter)
 
     def forget_process(self, process: ProcessRecord) -> None:
-        """Unregister every service whose node lived in ``process``."""
-        for name, service in list(self.services.items()):
-            if service.node.owner is process:
-                del self.services[name]
-                self._drop(service)
+        """Unregister every service whose node lived in ``process``: O(its names)."""
+        for name in sorted(self._names_of.get(process, ())):
+            service = self.services.get(name)
+            if service is not None:
+                self._remove(name, service)
                 log.info("service %r removed: pid %d died", name, process.pid)
+        self._names_of.pop(process, None)
+        self._waiters_of.pop(process, None)
 
     def services_of(self, process: ProcessRecord) -> list[str]:
         """Names registered to nodes owned by ``process``."""
-        return sorted(n for n, s in self.services.items() if s.node.owner is process)
+        return sorted(self._names_of.get(process, ()))
+
+    def visible_services(self, caller_uid: int) -> dict[str, int]:
+        """{name: owner pid} of the services a caller of ``caller_uid`` may find."""
+        return {
+            name: service.pid
+            for name, service in sorted(self.services.items())
+            if self._may_find(caller_uid, name, service)
+        }
+
+    def _may_find(self, uid: int, name: str, service: Service) -> bool:
+        return uid == 0 or uid == service.uid
 
     # -- helpers ------------------------------------------------------------------------
 
     def _ref_for(self, process: ProcessRecord, node: Node) -> parcel.ObjectRef:
+        """The entry naming ``node`` in ``process``, counted as a delivery.
+
+        Raises:
+            QuotaExceededError: it would be a new handle past handles_per_process.
+        """
+        quotas = self._router.quotas
+        if (
+            node.owner is not process
+            and node not in process.ref_of_node
+            and quotas.over("handles_per_process", process.uid, len(process.refs) + 1)
+        ):
+            raise quotas.error("handles_per_process", f"pid {process.pid}'s handles")
         return parcel.ObjectRef(*self._router.entry_for_node(process, node))
 
-    def _drop(self, service: Service) -> None:
+    def _remove(self, name: str, service: Service) -> None:
+        """Unregister ``name`` and drop the node reference its entry held."""
+        del self.services[name]
+        names = self._names_of.get(service.node.owner)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._names_of[service.node.owner]
+        left = self._names_of_uid.get(service.uid, 1) - 1
+        if left > 0:
+            self._names_of_uid[service.uid] = left
+        else:
+            self._names_of_uid.pop(service.uid, None)
+        self._sorted = None
         service.node.holders -= 1
         self._router.maybe_release(service.node)
+
+
+def _checked_timeout(timeout: Any) -> float | None:
+    """A get_service timeout in seconds: None (wait on), or a number within
+    [0, MAX_WAIT_S].
+
+    Raises:
+        ValueError: not a number, NaN, negative or longer than a day.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ValueError(f"a timeout is a number of seconds or None, not {type(timeout).__name__}")
+    if not 0 <= timeout <= MAX_WAIT_S:  # NaN fails too
+        raise ValueError(f"a timeout is None or within [0, {MAX_WAIT_S:.0f}] s, not {timeout}")
+    return float(timeout)
 
 
 def _checked_name(name: Any) -> str:

@@ -17,17 +17,20 @@ The :class:`Router` is the driver's core. It receives each thread's BC_* command
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from pybinder import protocol
 from pybinder.broker.one_copy import copy_bytes, copy_from_ring, streams
 from pybinder.broker.process import Buffer, Node, Parts, ProcessRecord, Ref, ThreadRecord
+from pybinder.broker.quotas import Quotas, error_fields
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
     DeadObjectError,
     ProtocolError,
+    QuotaExceededError,
     TransactionTooLargeError,
 )
 from pybinder.parcel import (
@@ -172,11 +175,16 @@ class Router:
 
     Args:
         send: delivers one message to a thread's connection.
+        quotas: the limits on nodes, handles, service-manager parcels and parts.
     """
 
-    def __init__(self, send: Sender) -> None:
+    def __init__(self, send: Sender, quotas: Quotas | None = None) -> None:
         self._send = send
+        self.quotas = quotas or Quotas()
         self.processes: dict[int, ProcessRecord] = {}
+        self.processes_of_uid: dict[int, dict[ProcessRecord, None]] = {}
+        #: Threads sending a parcel in parts, for the parts deadline (expire_parts).
+        self.parts_senders: dict[ThreadRecord, None] = {}
         self.service_manager: ServiceManager | None = None
         self.transactions = 0
         self.bytes_copied = 0
@@ -184,6 +192,11 @@ class Router:
         self.oneway_batched = 0  # oneway calls handed over in a batch behind another
         self.parcels_in_parts = 0  # copied part by part while their senders wrote them
         self.parcels_streamed = 0  # copied with streaming stores (one_copy.STREAM_MIN)
+
+    def add_process(self, process: ProcessRecord) -> None:
+        """Admit a process that said hello."""
+        self.processes[process.key] = process
+        self.processes_of_uid.setdefault(process.uid, {})[process] = None
 
     # -- messages out -------------------------------------------------------------
 
@@ -214,8 +227,7 @@ class Router:
         """Answer a transaction with BR_FAILED_REPLY carrying ``error``'s code (and
         count a windowed call as settled, failed)."""
         log.debug("transaction from pid %d failed: %s", thread.process.pid, error)
-        code = CODE_OF_ERROR.get(type(error), 1)
-        self.send(thread, protocol.encode(BR_FAILED_REPLY, code, size, limit))
+        self.send(thread, protocol.encode(BR_FAILED_REPLY, *error_fields(error, size, limit)))
         if thread.window_call:
             thread.settle(True)
 
@@ -270,13 +282,9 @@ class Router:
             process = thread.process
             process.transactions_sent += 1
             self.transactions += 1
-            if not thread.parcel_fits(size, tail_offset, tail_len, head_offset):
-                self.fail(thread, ProtocolError(), size, 0)
-                return
             if handle == SERVICE_MANAGER_HANDLE:
-                assert self.service_manager is not None
-                data = thread.parcel_bytes(size, tail_offset, tail_len, head_offset)
-                self.service_manager.transact(thread, code, flags, data)
+                span = (size, tail_offset, tail_len, head_offset)
+                self._to_service_manager(thread, code, flags, span)
                 return
             ref = process.refs.get(handle)
             if ref is None:
@@ -296,6 +304,21 @@ class Router:
                 self._start_two_way(txn)
         finally:
             thread.window_call = False
+
+    def _to_service_manager(
+        self, thread: ThreadRecord, code: int, flags: int, span: tuple[int, int, int, int]
+    ) -> None:
+        """Hand handle 0 a private copy of a transaction's parcel, once checked;
+        ``span`` is (size, tail_offset, tail_len, head_offset)."""
+        quotas = self.quotas
+        if quotas.over("service_manager_parcel", thread.process.uid, span[0]):
+            self.fail(thread, quotas.error("service_manager_parcel"))
+            return
+        if not thread.parcel_fits(*span):
+            self.fail(thread, ProtocolError(), span[0], 0)
+            return
+        assert self.service_manager is not None
+        self.service_manager.transact(thread, code, flags, thread.parcel_bytes(*span))
 
     def _start_two_way(self, txn: Transaction) -> None:
         thread = txn.from_thread
@@ -428,6 +451,7 @@ class Router:
             self.protocol_error(thread, ProtocolError("TF_PARTS with a tail or mid-parcel"))
             return
         parts = thread.parts = Parts(handle, code, flags, size)
+        self._parts_started(thread, parts)
         ref = thread.process.refs.get(handle)
         if ref is None or ref.node.dead or not thread.parcel_fits(size, 0, 0):
             return
@@ -449,6 +473,7 @@ class Router:
             self.protocol_error(thread, ProtocolError("a reply in parts out of place"))
             return
         parts = thread.parts = Parts(0, 0, flags, size, is_reply=True)
+        self._parts_started(thread, parts)
         caller = self._waiting_caller(thread)
         if caller is None or not thread.parcel_fits(size, 0, 0):
             return
@@ -509,11 +534,13 @@ class Router:
                 source = send.address + parts.copied
                 copy_bytes(dest + parts.copied, source, ready - parts.copied, stream)
         parts.copied = ready
+        parts.last_part = time.monotonic()
         if parts.ring and send is not None:
             send.report_progress(ready)
         if ready < parts.size:
             return
         thread.parts = None
+        self.parts_senders.pop(thread, None)
         if buffer is not None:
             if self._still_prefilled(thread, parts):
                 self.parcels_in_parts += 1
@@ -548,10 +575,34 @@ class Router:
         target.free(buffer)
         return False
 
+    def _parts_started(self, thread: ThreadRecord, parts: Parts) -> None:
+        parts.last_part = time.monotonic()
+        self.parts_senders[thread] = None
+
+    def expire_parts(self, before: float) -> None:
+        """Fail every parcel in parts whose last part came before ``before``
+        (monotonic seconds): its sender stopped, and the space its copy holds in the
+        target is freed. A reply's caller gets the failure too."""
+        stale = [
+            t for t in self.parts_senders if t.parts is not None and t.parts.last_part < before
+        ]
+        error = self.quotas.error("parts_timeout_s", "a parcel in parts")
+        for thread in stale:
+            is_reply = thread.parts is not None and thread.parts.is_reply
+            caller = self._waiting_caller(thread) if is_reply else None
+            self._drop_parts(thread)
+            if caller is not None:
+                txn = thread.incoming.pop()
+                caller.outgoing = None
+                self.fail(caller, error)
+                self._finish(txn)
+            self.fail(thread, error)
+
     def _drop_parts(self, thread: ThreadRecord) -> None:
         """Forget the parcel ``thread`` was sending in parts, and free its early copy;
         a sender writing through a ring is told to stop waiting for the broker."""
         parts, thread.parts = thread.parts, None
+        self.parts_senders.pop(thread, None)
         send = thread.areas[SEND_AREA]
         if parts is not None and parts.ring and send is not None and thread.alive:
             send.report_progress(WRITE_WHOLE)
@@ -594,16 +645,24 @@ class Router:
         :meth:`ThreadRecord.parcel_fits` has checked. A ``filled`` buffer already
         holds the copy (a parcel sent in parts): it is only checked.
 
+        The span is checked against the areas as they are mapped now, right before
+        the bytes move: what was checked when the command came may have changed.
+
         Raises:
             DeadObjectError: the target has died.
             TransactionTooLargeError: no free range of ``size`` bytes in the target.
-            ProtocolError: the copied parcel is malformed or names unknown objects.
+            ProtocolError: the parcel does not lie in the sender's areas, or the copy
+                is malformed or names unknown objects.
+            QuotaExceededError: its objects would pass nodes_per_process of the
+                sender or handles_per_process of the target.
         """
         if target.dead:
             raise DeadObjectError()
         region = target.region
         buffer = filled
         if buffer is None:
+            if not sender.parcel_fits(size, tail_offset, tail_len, head_offset):
+                raise ProtocolError(f"a parcel of {size} bytes outside the sender's areas")
             buffer = target.allocate(size, is_async)
             if buffer is None:
                 raise _too_large(target, size, is_async)
@@ -620,7 +679,7 @@ class Router:
             target.bytes_copied_in += size
             if header.n_buffers:
                 self._count_buffers(dest, header.n_buffers, header.buffer_table)
-        except ProtocolError:
+        except (ProtocolError, QuotaExceededError):
             target.free(buffer)
             raise
         finally:
@@ -668,10 +727,49 @@ class Router:
         """
         for kind, value in objects:
             check_entry(source, kind, value)
+        self._check_object_quotas(source, target, objects)
         for index, (kind, value) in enumerate(objects):
             node = self.node_for_entry(source, kind, value)
             kind, value = self.entry_for_node(target, node)
             write_object(dest, index, kind, value)
+
+    def _check_object_quotas(
+        self, source: ProcessRecord, target: ProcessRecord, objects: list[tuple[int, int]]
+    ) -> None:
+        """Raise QuotaExceededError if translating ``objects`` (checked entries of
+        ``source``) would give ``source`` more nodes than nodes_per_process, or
+        ``target`` more handles than handles_per_process; nothing is changed first."""
+        quotas = self.quotas
+        limit = quotas.nodes_per_process
+        if limit and len(source.nodes) + len(objects) > limit and quotas.applies_to(source.uid):
+            new = {v for k, v in objects if k == OBJ_NODE and v not in source.nodes}
+            if len(source.nodes) + len(new) > limit:
+                raise quotas.error("nodes_per_process", f"pid {source.pid}'s objects")
+        limit = quotas.handles_per_process
+        held = len(target.refs)
+        if (
+            limit
+            and held + len(objects) > limit
+            and quotas.applies_to(target.uid)
+            and held + self._new_refs(source, target, objects) > limit
+        ):
+            raise quotas.error("handles_per_process", f"pid {target.pid}'s handles")
+
+    @staticmethod
+    def _new_refs(
+        source: ProcessRecord, target: ProcessRecord, objects: list[tuple[int, int]]
+    ) -> int:
+        """How many handles ``target`` would gain by receiving ``objects``."""
+        fresh: set[int] = set()  # local ids of nodes sent for the first time
+        known: set[Node] = set()
+        for kind, value in objects:
+            node = source.nodes.get(value) if kind == OBJ_NODE else source.refs[value].node
+            if node is None:
+                if source is not target:
+                    fresh.add(value)
+            elif node.owner is not target and node not in target.ref_of_node:
+                known.add(node)
+        return len(fresh) + len(known)
 
     @staticmethod
     def node_for_entry(source: ProcessRecord, kind: int, value: int) -> Node:
@@ -820,11 +918,6 @@ class Router:
         tail_len: int,
         prefilled: Buffer | None,
     ) -> None:
-        if not thread.parcel_fits(size, tail_offset, tail_len):
-            if prefilled is not None:
-                caller.process.free(prefilled)
-            self.fail(caller, ProtocolError(), size, 0)
-            return
         try:
             buffer = self._copy(
                 thread, caller.process, size, False, tail_offset, tail_len, prefilled
@@ -991,6 +1084,11 @@ class Router:
             return
         process.dead = True
         self.processes.pop(process.key, None)
+        same_uid = self.processes_of_uid.get(process.uid)
+        if same_uid is not None:
+            same_uid.pop(process, None)
+            if not same_uid:
+                del self.processes_of_uid[process.uid]
         for thread in list(process.threads):
             self.thread_exited(thread)
         while process.todo:

@@ -9,13 +9,21 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import weakref
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pybinder import protocol
-from pybinder.errors import BinderError, BrokerUnavailableError, ProtocolError
+from pybinder.errors import (
+    CODE_OF_ERROR,
+    BinderError,
+    BrokerUnavailableError,
+    ProtocolError,
+    QuotaExceededError,
+    quota_error,
+)
 from pybinder.parcel import OBJ_HANDLE, OBJ_NODE
 from pybinder.paths import resolve_socket_path
 from pybinder.protocol import (
@@ -91,13 +99,19 @@ class ProcessState:
             a oneway call returns once the broker has copied it into the target's
             region (or queued it for room there), as Binder's, and raises its own
             failure. Calls keep their order either way.
+        broker_uid: a uid besides root's and this process's own whose broker this
+            process trusts. Before sending anything, every connection checks who
+            listens (SO_PEERCRED, from the kernel): anyone else who got to the socket
+            path first could pose as the broker.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
         max_parcel: the largest parcel the broker accepts, in bytes.
 
     Raises:
-        BrokerUnavailableError: no broker answers on the socket.
+        BrokerUnavailableError: no broker answers on the socket, the one that does
+            runs as a uid this process does not trust, or it refused this process
+            (the message says why: a quota, or /dev/shm full).
 
     Not usable after ``fork()`` in the child (as libbinder): connect again there.
     """
@@ -109,8 +123,10 @@ class ProcessState:
         region_size: int | None = None,
         spin_us: float | None = None,
         oneway_window: int | None = None,
+        broker_uid: int | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
+        self.broker_uid = broker_uid
         if spin_us is None:
             spin_us = float(os.environ.get("PYBINDER_SPIN_US", DEFAULT_SPIN_US))
         self.spin_seconds = max(0.0, spin_us) / 1e6
@@ -164,7 +180,30 @@ class ProcessState:
             raise BrokerUnavailableError(
                 f"no broker at {self.socket_path}: {reason}{hint}"
             ) from None
+        try:
+            self._check_broker_identity(sock)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _check_broker_identity(self, sock: socket.socket) -> None:
+        """Refuse a listener that runs as a uid other than root, this process's own
+        or ``broker_uid`` (the kernel's SO_PEERCRED; it cannot be forged).
+
+        Raises:
+            BrokerUnavailableError: naming the uid found.
+        """
+        pid, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid in (0, os.getuid(), self.broker_uid):
+            return
+        raise BrokerUnavailableError(
+            f"the process listening on {self.socket_path} (pid {pid}) runs as uid {uid},"
+            f" not as root or this user: not trusted as the broker"
+            f" (connect(broker_uid={uid}) trusts it)"
+        )
 
     def _hello(self, region_size: int) -> tuple[int, int, int, int]:
         sock = self._sock
@@ -183,7 +222,7 @@ class ProcessState:
         if len(commands) != 1 or commands[0][0] != BR_HELLO_PROCESS or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise BrokerUnavailableError(f"the broker refused this process: {commands}")
+            raise BrokerUnavailableError(f"the broker refused this process: {_refusal(commands)}")
         _, key, size, max_parcel = commands[0]
         return key, size, max_parcel, fds[0]
 
@@ -240,8 +279,12 @@ class ProcessState:
         return interface.as_interface(binder)
 
     def list_services(self) -> list[str]:
-        """The names of every registered service, sorted."""
-        return list(self.service_manager.list_services())
+        """The names of every registered service this process may find, sorted
+        (fetched a page at a time, so any number of names fits)."""
+        names: list[str] = []
+        while page := self.service_manager.list_services(len(names)):
+            names.extend(page)
+        return names
 
     def status(self) -> dict[str, Any]:
         """The broker's status: ``{"broker": {...}, "processes": [...], "services": {...}}``.
@@ -468,6 +511,22 @@ class ProcessState:
 
 
 _NOBODY = (errno.ENOENT, errno.ECONNREFUSED)
+_PEERCRED = struct.Struct("3i")
+
+
+def _refusal(commands: list[tuple[int, ...]]) -> str:
+    """Why the broker refused a hello, from its BR_ERROR."""
+    if not commands:
+        return "it closed the connection"
+    command = commands[0]
+    if command[0] != protocol.BR_ERROR:
+        return f"unexpected answer {protocol.COMMAND_NAMES.get(command[0], command[0])}"
+    _, code, size, limit = command
+    if code == CODE_OF_ERROR[QuotaExceededError]:
+        return str(quota_error(size, limit))
+    if code == CODE_OF_ERROR[BrokerUnavailableError]:
+        return f"it cannot back a receive region of {size} bytes: /dev/shm has {limit} bytes free"
+    return f"error {code} (size {size}, limit {limit})"
 
 
 class _ThreadSlot:
@@ -491,12 +550,18 @@ def connect(
     region_size: int | None = None,
     spin_us: float | None = None,
     oneway_window: int | None = None,
+    broker_uid: int | None = None,
 ) -> ProcessState:
     """Join the broker as a process; see :class:`ProcessState`.
 
     Raises:
-        BrokerUnavailableError: no broker answers on the socket.
+        BrokerUnavailableError: no broker answers on the socket, or not one this
+            process trusts, or it refused this process.
     """
     return ProcessState(
-        socket_path, region_size=region_size, spin_us=spin_us, oneway_window=oneway_window
+        socket_path,
+        region_size=region_size,
+        spin_us=spin_us,
+        oneway_window=oneway_window,
+        broker_uid=broker_uid,
     )

@@ -34,8 +34,9 @@ class IServiceManager(Interface):
         """Register ``binder`` as ``name``."""
 
     @method
-    def list_services(self) -> list[str]:
-        """Every registered name, sorted."""
+    def list_services(self, start: int = 0) -> list[str]:
+        """A page of the sorted names the caller may find, from index ``start``;
+        empty past the end."""
 
     @method
     def status(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from pybinder.errors import (
     BrokerUnavailableError,
     DeadObjectError,
     ProtocolError,
+    QuotaExceededError,
     TransactionTooLargeError,
+    quota_error,
 )
 from pybinder.protocol import (
     BC_ENTER_LOOPER,
@@ -430,7 +432,7 @@ class ThreadState:
         elif op == BR_RELEASE_NODE:
             self._process.node_released(command[1], command[2])
         elif op == BR_ERROR:
-            raise ProtocolError(f"the broker rejected a command (error {command[1]})")
+            raise _rejected(command)
         else:
             raise ProtocolError(f"unexpected {protocol.COMMAND_NAMES.get(op, hex(op))}")
 
@@ -753,7 +755,7 @@ class ThreadState:
         A BR_ERROR that arrives first is raised after the outcome, so the outcome is
         never left behind in the socket for the next call to misread.
         """
-        error: ProtocolError | None = None
+        error: BinderError | None = None
         while True:
             outcome: tuple[int, ...] | None = None
             commands = protocol.decode(self._recv(spin))
@@ -763,7 +765,7 @@ class ThreadState:
                 if command[0] in wanted:
                     outcome = command
                 elif command[0] == BR_ERROR:
-                    error = ProtocolError(f"the broker rejected a command (error {command[1]})")
+                    error = _rejected(command)
                     if BR_OK in wanted or BR_HELLO_THREAD in wanted:
                         raise error
                 else:
@@ -866,8 +868,20 @@ def _reply_in_parts(size: int, parts_flags: int) -> bytes:
     return _pack_reply(BC_REPLY, parts_flags, size, 0, 0)
 
 
+def _rejected(command: tuple[int, ...]) -> BinderError:
+    """The error a BR_ERROR (code, size, limit) stands for: the broker refused a command."""
+    error_type = ERROR_CODES.get(command[1], BinderError)
+    if error_type is QuotaExceededError:
+        return quota_error(command[2], command[3])
+    if error_type is ProtocolError:
+        return ProtocolError(f"the broker rejected a command (error {command[1]})")
+    return _failure(command[1], command[2], command[3])
+
+
 def _failure(code: int, size: int, limit: int) -> BinderError:
     error_type = ERROR_CODES.get(code, BinderError)
+    if error_type is QuotaExceededError:
+        return quota_error(size, limit)
     if error_type is TransactionTooLargeError:
         return TransactionTooLargeError(
             f"parcel of {size} bytes does not fit: the target has {limit} bytes free", size, limit
