@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         " 660 with --group shares it with a group, 666 with everyone)",
     )
     broker.add_argument("--group", default=None, help="group (name or gid) the socket belongs to")
+    broker.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="TOML file: who may add, find and call which service names (SIGHUP reloads it)",
+    )
     broker.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     from pybinder.broker.quotas import add_arguments
 
@@ -126,15 +132,20 @@ def _broker(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as exc:
         print(f"pybinder broker: {exc}", file=sys.stderr)
         return 2
-    broker = Broker(
-        path,
-        max_region_size=args.max_region_size or DEFAULT_MAX_REGION_SIZE,
-        default_region_size=args.region_size or DEFAULT_REGION_SIZE,
-        spin_us=DEFAULT_SPIN_US if args.spin_us is None else args.spin_us,
-        quotas=quotas,
-        socket_mode=args.socket_mode,
-        socket_group=group,
-    )
+    try:
+        broker = Broker(
+            path,
+            max_region_size=args.max_region_size or DEFAULT_MAX_REGION_SIZE,
+            default_region_size=args.region_size or DEFAULT_REGION_SIZE,
+            spin_us=DEFAULT_SPIN_US if args.spin_us is None else args.spin_us,
+            quotas=quotas,
+            socket_mode=args.socket_mode,
+            socket_group=group,
+            policy_path=args.policy,
+        )
+    except (ValueError, OSError) as exc:  # PolicyError is a ValueError
+        print(f"pybinder broker: {exc}", file=sys.stderr)
+        return 2
     try:
         broker.start()
     except BrokerAlreadyRunningError as exc:

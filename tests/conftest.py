@@ -26,6 +26,9 @@ from pybinder.protocol import BC_HELLO_THREAD, BR_HELLO_THREAD, PROTOCOL_VERSION
 from pybinder.region import SHM_PREFIX
 
 PEERS = Path(__file__).with_name("peers.py")
+
+#: What the broker logs when its safety net catches an exception (daemon._serve).
+UNEXPECTED = "unexpected error"
 READY_TIMEOUT = 20.0
 
 
@@ -41,6 +44,8 @@ class Peer:
             env=env,
         )
         self.pid = self.proc.pid
+        self.stderr_text = ""
+        self.is_broker = False
 
     def readline(self, timeout: float = READY_TIMEOUT) -> str:
         """The next line of the child's stdout, or fail after ``timeout`` seconds."""
@@ -61,7 +66,8 @@ class Peer:
 
     def stop(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
         """Send ``sig`` and reap the child; one that ignores it is killed, and then
-        AssertionError says so."""
+        AssertionError says so. A broker's stderr is kept in :attr:`stderr_text`
+        (a broker starts no children, which could hold the pipe open)."""
         ignored = False
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -71,6 +77,8 @@ class Peer:
             ignored = True
             self.proc.kill()
             code = self.proc.wait(timeout)
+        if self.is_broker and self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.stderr_text = self.proc.stderr.read()
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
@@ -104,19 +112,25 @@ class Cluster:
     def broker(self, *extra: str) -> Peer:
         argv = [sys.executable, "-m", "pybinder", "broker", "--socket", self.socket, *extra]
         peer = self.spawn(argv)
+        peer.is_broker = True
         line = peer.readline()
         assert "listening" in line and self.socket in line, line
         return peer
 
     def close(self) -> None:
         """Kill every peer, then stop the broker (the first peer) with SIGTERM, as a
-        user would; fail if any of them would not go."""
+        user would; fail if any of them would not go, or if the broker's safety net
+        caught an unexpected exception (it logs "unexpected error"): the net keeps
+        the broker alive, and must never hide a bug from the tests."""
         failures = []
         for peer in reversed(self.peers):
             try:
                 peer.stop(signal.SIGTERM if peer is self.peers[0] else signal.SIGKILL)
             except AssertionError as exc:
                 failures.append(str(exc))
+        for peer in self.peers:
+            if UNEXPECTED in peer.stderr_text:
+                failures.append(f"the broker caught an unexpected error:\n{peer.stderr_text}")
         assert not failures, failures
 
 
@@ -156,12 +170,14 @@ def socket_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running_cluster(socket_path: str, env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """A :class:`Cluster` whose broker (64 MiB max region, ``env`` as in Cluster) runs;
-    every process it started is stopped afterwards."""
+def running_cluster(
+    socket_path: str, env: dict[str, str] | None = None, broker_args: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
+    """A :class:`Cluster` whose broker (64 MiB max region, ``env`` as in Cluster, and
+    ``broker_args``) runs; every process it started is stopped afterwards."""
     group = Cluster(socket_path, env)
     try:
-        group.broker("--max-region-size", str(64 << 20))
+        group.broker("--max-region-size", str(64 << 20), *broker_args)
         yield group
     finally:
         group.close()
@@ -189,3 +205,29 @@ def raw_thread(cluster: Cluster, proc: pybinder.ProcessState) -> Iterator[socket
     assert answer(sock)[0][0] == BR_HELLO_THREAD
     yield sock
     sock.close()
+
+
+#: The policy of :func:`shared_cluster`: anyone may find and call "test" and "open.*".
+OPEN_POLICY = """
+[[service]]
+name = "test"
+find = ["*"]
+call = ["*"]
+
+[[service]]
+name = "open.*"
+find = ["*"]
+call = ["*"]
+"""
+
+
+@pytest.fixture
+def shared_cluster(socket_dir: Path) -> Iterator[Cluster]:
+    """A running broker that other uids may reach: its directory 0755, its socket
+    0666, and :data:`OPEN_POLICY` as its policy file."""
+    socket_dir.chmod(0o755)
+    policy = socket_dir / "policy.toml"
+    policy.write_text(OPEN_POLICY)
+    args = ("--socket-mode", "666", "--policy", str(policy))
+    with running_cluster(str(socket_dir / "broker.sock"), broker_args=args) as group:
+        yield group

@@ -87,12 +87,10 @@ CHILD_AS_NOBODY = textwrap.dedent(
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to another uid")
-def test_another_uid_is_seen_as_itself_and_cannot_write_its_region(cluster, socket_dir):
-    cluster.server()
-    socket_dir.chmod(0o755)
-    os.chmod(cluster.socket, 0o777)
+def test_another_uid_is_seen_as_itself_and_cannot_write_its_region(shared_cluster):
+    shared_cluster.server()
     script = CHILD_AS_NOBODY.format(
-        uid=NOBODY, tests=str(Path(__file__).parent), socket=cluster.socket
+        uid=NOBODY, tests=str(Path(__file__).parent), socket=shared_cluster.socket
     )
     child = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from pybinder import protocol
 from pybinder.broker.one_copy import STREAM_MIN
+from pybinder.broker.policy import Policy, PolicyError
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import LogBudget, Quotas, error_fields
 from pybinder.broker.service_manager import ServiceManager
@@ -90,6 +91,7 @@ _HELD_COMMANDS: Final = frozenset(
     (BC_TRANSACTION, BC_REPLY, protocol.BC_PARCEL_READY, protocol.BC_RELEASE)
 )
 _STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
+_RELOAD_SIGNAL: Final = int(signal.SIGHUP)
 
 
 class Connection:
@@ -164,9 +166,12 @@ class Broker:
         socket_mode: the socket file's permission bits (0o600: its owner only;
             0o660 with ``socket_group``: a group may connect too).
         socket_group: the gid the socket file gets, or None to leave it.
+        policy_path: the access policy's TOML file (see :mod:`pybinder.broker.policy`),
+            read now and again on SIGHUP; None: the default policy.
 
     Raises:
         BrokerAlreadyRunningError: from :meth:`start`, if another broker is live.
+        PolicyError, OSError: the policy file cannot be used.
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class Broker:
         quotas: Quotas | None = None,
         socket_mode: int = 0o600,
         socket_group: int | None = None,
+        policy_path: Path | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.spin_seconds = max(0.0, spin_us) / 1e6
@@ -187,7 +193,11 @@ class Broker:
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.router = Router(self._send, self.quotas)
-        self.router.service_manager = ServiceManager(self.router, self.call_later, self.status)
+        self.policy_path = policy_path
+        policy = Policy.load(policy_path) if policy_path is not None else None
+        self.router.service_manager = ServiceManager(
+            self.router, self.call_later, self.status, policy
+        )
         self._conns: dict[int, Connection] = {}
         self._conns_of_uid: dict[int, int] = {}
         self._process_conns: dict[int, Connection] = {}
@@ -325,11 +335,29 @@ class Broker:
         """
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         self._owns_wakeup_fd = True
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.stop()
+
+    def _on_reload_signal(self, signum: int, frame: object) -> None:
+        """SIGHUP: the loop reloads the policy when it reads the signal's number."""
+
+    def reload_policy(self) -> None:
+        """Read the policy file again (SIGHUP); a file that cannot be used is logged
+        and the policy in force stays."""
+        if self.policy_path is None:
+            return
+        sm = self.router.service_manager
+        assert sm is not None
+        try:
+            sm.policy = Policy.load(self.policy_path)
+        except (OSError, PolicyError) as exc:
+            log.error("policy not reloaded, the old one stays: %s", exc)
+            return
+        log.warning("policy reloaded from %s", self.policy_path)
 
     def close(self) -> None:
         """Close every connection, release every region, remove the socket and lock."""
@@ -367,19 +395,20 @@ class Broker:
             heapq.heapify(self._timers)
             self._cancelled_timers = 0
 
-    def status(self, caller_uid: int = 0) -> dict[str, Any]:
+    def status(self, caller: ProcessRecord | None = None) -> dict[str, Any]:
         """Everything ``pybinder status`` shows; sizes in bytes, times in seconds.
 
-        A caller other than root sees only its own uid's processes and the services
-        it may find; the cost is O(its own processes), not O(every process).
+        A ``caller`` other than root sees only its own uid's processes and the
+        services it may find; the cost is O(its own processes), not O(every process).
         """
         router = self.router
         sm = router.service_manager
         assert sm is not None
-        if caller_uid == 0:
+        if caller is None or caller.uid == 0:
+            caller = None
             shown = list(router.processes.values())
         else:
-            shown = list(router.processes_of_uid.get(caller_uid, ()))
+            shown = list(router.processes_of_uid.get(caller.uid, ()))
         processes = []
         for process in shown:
             entry: dict[str, Any] = dict(process.status())
@@ -402,7 +431,7 @@ class Broker:
                 "compiled": running_compiled(),
             },
             "processes": processes,
-            "services": sm.visible_services(caller_uid),
+            "services": sm.visible_services(caller),
             "quotas": {
                 name: getattr(self.quotas, name) for name in type(self.quotas).__dataclass_fields__
             },
@@ -475,6 +504,8 @@ class Broker:
             while data := self._wakeup_r.recv(64):
                 if not _STOP_SIGNALS.isdisjoint(data):
                     self._stopping = True
+                if _RELOAD_SIGNAL in data:
+                    self.reload_policy()
 
     def _accept(self) -> None:
         listener = self._listener

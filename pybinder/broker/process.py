@@ -52,12 +52,18 @@ class Node:
 
 @dataclass(eq=False, slots=True)
 class Ref:
-    """One process's handle to a node (binder_ref); ``count`` is the deliveries not released."""
+    """One process's handle to a node (binder_ref); ``count`` is the deliveries not released.
+
+    ``call_denied``: the process got it by a name lookup the access policy lets it
+    make but whose calls it denies; a delivery of the node in a parcel (a
+    capability, as in Binder) clears it.
+    """
 
     process: ProcessRecord
     handle: int
     node: Node
     count: int = 0
+    call_denied: bool = False
 
 
 @dataclass(eq=False, slots=True)

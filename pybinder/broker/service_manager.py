@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pybinder import parcel, protocol
+from pybinder.broker.policy import Caller, Policy
 from pybinder.broker.process import Node, ProcessRecord, ThreadRecord
 from pybinder.broker.transaction import Router, check_entry
 from pybinder.errors import (
@@ -77,12 +78,24 @@ class ServiceManager:
     Args:
         router: the broker's router (for refs, nodes and replies).
         call_later: ``call_later(seconds, callback)`` on the broker's event loop.
-        status: returns the broker's status dict for SM_STATUS.
+        status: returns the broker's status dict for SM_STATUS, given the caller's uid.
+        policy: who may add, find and call which names (None: the default policy).
+
+    The identity checked is the one the kernel gave when the process connected
+    (SO_PEERCRED, with its supplementary groups read from /proc then): a process
+    that changes its uid afterwards keeps the old identity here, and must connect
+    again to act as the new one.
     """
 
     def __init__(
-        self, router: Router, call_later: Scheduler, status: Callable[[], dict[str, Any]]
+        self,
+        router: Router,
+        call_later: Scheduler,
+        status: Callable[[int], dict[str, Any]],
+        policy: Policy | None = None,
     ) -> None:
+        self.policy = policy or Policy.default()
+        self._callers: dict[ProcessRecord, Caller] = {}
         self._router = router
         self._call_later = call_later
         self._status = status
@@ -146,8 +159,41 @@ class ServiceManager:
     # -- methods --------------------------------------------------------------------
 
     def _check_service(self, thread: ThreadRecord, name: str) -> parcel.ObjectRef | None:
-        service = self.services.get(_checked_name(name))
-        return None if service is None else self._ref_for(thread.process, service.node)
+        name = _checked_name(name)
+        service = self.services.get(name)
+        self._check_allowed("find", name, thread.process, service)
+        return None if service is None else self._handle_for(thread.process, name, service)
+
+    def _handle_for(self, process: ProcessRecord, name: str, service: Service) -> parcel.ObjectRef:
+        """The entry naming ``name``'s node in ``process``, a lookup it may make. If
+        the policy denies it calls there, a handle it did not hold already is marked
+        so (a handle it holds as a capability stays callable)."""
+        node = service.node
+        held = process.ref_of_node.get(node)
+        capability = held is not None and not held.call_denied
+        entry = self._ref_for(process, node)
+        if node.owner is not process and not capability:
+            caller = self.caller_of(process)
+            may_call = self.policy.allows("call", name, caller, service.uid)
+            process.ref_of_node[node].call_denied = not may_call
+        return entry
+
+    def caller_of(self, process: ProcessRecord) -> Caller:
+        """Who ``process`` is to the policy: its uid and gid from SO_PEERCRED and its
+        supplementary groups from /proc, read once when first needed."""
+        caller = self._callers.get(process)
+        if caller is None:
+            caller = self._callers[process] = Caller.of_pid(process.pid, process.uid, process.gid)
+        return caller
+
+    def _check_allowed(
+        self, action: str, name: str, process: ProcessRecord, service: Service | None
+    ) -> None:
+        """Raise SecurityError unless the policy lets ``process`` ``action`` ``name``."""
+        caller = self.caller_of(process)
+        owner = None if service is None else service.uid
+        if not self.policy.allows(action, name, caller, owner):
+            raise SecurityError(self.policy.describe_denial(action, name, caller, owner))
 
     def _wait_for_service(
         self, thread: ThreadRecord, name: str, timeout: float | None = None
@@ -211,10 +257,7 @@ class ServiceManager:
         process = thread.process
         check_entry(process, binder.kind, binder.value)
         existing = self.services.get(name)
-        if existing is not None and process.uid not in (0, existing.uid):
-            raise SecurityError(
-                f"uid {process.uid} may not add service {name!r}: uid {existing.uid} holds it"
-            )
+        self._check_allowed("add", name, process, existing)
         self._check_names_quota(process, existing)
         quotas = self._router.quotas
         new_node = binder.kind == parcel.OBJ_NODE and binder.value not in process.nodes
@@ -229,10 +272,19 @@ class ServiceManager:
         self._names_of_uid[process.uid] = self._names_of_uid.get(process.uid, 0) + 1
         self._sorted = None
         log.info("service %r added by pid %d", name, process.pid)
+        service = self.services[name]
         for waiter in self._waiters.pop(name, []):
             self._waited(waiter)
             if waiter.thread.alive:
-                self.reply(waiter.thread, [REPLY_OK, self._ref_for(waiter.thread.process, node)])
+                self.reply(waiter.thread, self._found(waiter.thread.process, name, service))
+
+    def _found(self, process: ProcessRecord, name: str, service: Service) -> list[Any]:
+        """The reply to a waiter whose name has just been added."""
+        try:
+            self._check_allowed("find", name, process, service)
+            return [REPLY_OK, self._handle_for(process, name, service)]
+        except (SecurityError, QuotaExceededError) as exc:
+            return [REPLY_BINDER_ERROR, CODE_OF_ERROR[type(exc)], str(exc)]
 
     def _check_names_quota(self, process: ProcessRecord, existing: Service | None) -> None:
         quotas = self._router.quotas
@@ -251,6 +303,8 @@ class ServiceManager:
         if self._sorted is None:
             self._sorted = sorted(self.services)
         names = self._sorted
+        if thread.process.uid != 0:
+            names = [n for n in names if self._may_find(thread.process, n, self.services[n])]
         budget = min(LIST_PAGE_BYTES, thread.process.region_size // 4)
         page: list[str] = []
         for name in names[start:]:
@@ -261,7 +315,7 @@ class ServiceManager:
         return page
 
     def _status_call(self, thread: ThreadRecord) -> dict[str, Any]:
-        return self._status(thread.process.uid)
+        return self._status(thread.process)
 
     # -- deaths -----------------------------------------------------------------------
 
@@ -282,21 +336,22 @@ class ServiceManager:
                 log.info("service %r removed: pid %d died", name, process.pid)
         self._names_of.pop(process, None)
         self._waiters_of.pop(process, None)
+        self._callers.pop(process, None)
 
     def services_of(self, process: ProcessRecord) -> list[str]:
         """Names registered to nodes owned by ``process``."""
         return sorted(self._names_of.get(process, ()))
 
-    def visible_services(self, caller_uid: int) -> dict[str, int]:
-        """{name: owner pid} of the services a caller of ``caller_uid`` may find."""
+    def visible_services(self, caller: ProcessRecord | None) -> dict[str, int]:
+        """{name: owner pid} of the services ``caller`` may find (None: root's view)."""
         return {
             name: service.pid
             for name, service in sorted(self.services.items())
-            if self._may_find(caller_uid, name, service)
+            if caller is None or self._may_find(caller, name, service)
         }
 
-    def _may_find(self, uid: int, name: str, service: Service) -> bool:
-        return uid == 0 or uid == service.uid
+    def _may_find(self, process: ProcessRecord, name: str, service: Service) -> bool:
+        return self.policy.allows("find", name, self.caller_of(process), service.uid)
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from pybinder.errors import (
     DeadObjectError,
     ProtocolError,
     QuotaExceededError,
+    SecurityError,
     TransactionTooLargeError,
 )
 from pybinder.parcel import (
@@ -289,6 +290,9 @@ class Router:
             ref = process.refs.get(handle)
             if ref is None:
                 self.fail(thread, ProtocolError(), handle, 0)
+                return
+            if ref.call_denied:
+                self.fail(thread, SecurityError("the access policy denies calls to this service"))
                 return
             if ref.node.dead:
                 self._dead_reply_to(thread)
@@ -792,6 +796,7 @@ class Router:
             return OBJ_NODE, node.local_id
         ref = target.ref_for(node)
         ref.count += 1
+        ref.call_denied = False
         return OBJ_HANDLE, ref.handle
 
     # -- handing work to threads ------------------------------------------------------
