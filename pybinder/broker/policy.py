@@ -307,7 +307,7 @@ def _parse_rule(entry: dict[str, Any], index: int, source: str) -> Rule:
     pattern = entry.get("name")
     if not isinstance(pattern, str) or not pattern:
         raise PolicyError(f"{where}: 'name' must be a non-empty string (an fnmatch pattern)")
-    allowed = {
+    allowed: dict[str, tuple[Principal, ...]] = {
         action: _parse_principals(entry[action], f"{where}, {action!r}")
         for action in ACTIONS
         if action in entry

@@ -78,7 +78,7 @@ class ServiceManager:
     Args:
         router: the broker's router (for refs, nodes and replies).
         call_later: ``call_later(seconds, callback)`` on the broker's event loop.
-        status: returns the broker's status dict for SM_STATUS, given the caller's uid.
+        status: returns the broker's status dict for SM_STATUS as ``caller`` may see it.
         policy: who may add, find and call which names (None: the default policy).
 
     The identity checked is the one the kernel gave when the process connected
@@ -91,7 +91,7 @@ class ServiceManager:
         self,
         router: Router,
         call_later: Scheduler,
-        status: Callable[[int], dict[str, Any]],
+        status: Callable[[ProcessRecord | None], dict[str, Any]],
         policy: Policy | None = None,
     ) -> None:
         self.policy = policy or Policy.default()
