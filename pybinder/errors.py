@@ -129,6 +129,29 @@ QUOTA_NAMES: tuple[str, ...] = (
 )
 
 
+def error_details(error: BinderError) -> list[int]:
+    """The numbers a reply body carries after an error's code and message: the quota's
+    index and limit for QuotaExceededError, size and limit for
+    TransactionTooLargeError, none for the rest (see :func:`error_from_reply`)."""
+    if isinstance(error, QuotaExceededError):
+        name = error.quota
+        return [QUOTA_NAMES.index(name) if name in QUOTA_NAMES else -1, error.limit]
+    if isinstance(error, TransactionTooLargeError):
+        return [error.size, error.limit]
+    return []
+
+
+def error_from_reply(code: int, message: str, details: list[int]) -> BinderError:
+    """The caller-side error of a ``[REPLY_BINDER_ERROR, code, message, *details]`` body."""
+    error_type = ERROR_CODES.get(code, BinderError)
+    if error_type is QuotaExceededError and len(details) == 2:
+        error = quota_error(details[0], details[1])
+        return QuotaExceededError(message, error.quota, error.limit)
+    if error_type is TransactionTooLargeError and len(details) == 2:
+        return TransactionTooLargeError(message, details[0], details[1])
+    return error_type(message)
+
+
 def quota_error(index: int, limit: int) -> QuotaExceededError:
     """The caller-side error for quota number ``index`` (see :data:`QUOTA_NAMES`)."""
     name = QUOTA_NAMES[index] if 0 <= index < len(QUOTA_NAMES) else f"quota #{index}"

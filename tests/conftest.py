@@ -221,13 +221,20 @@ call = ["*"]
 """
 
 
-@pytest.fixture
-def shared_cluster(socket_dir: Path) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def open_cluster(socket_dir: Path, *broker_args: str) -> Iterator[Cluster]:
     """A running broker that other uids may reach: its directory 0755, its socket
-    0666, and :data:`OPEN_POLICY` as its policy file."""
+    0666, :data:`OPEN_POLICY` as its policy file, and ``broker_args`` (quotas...)."""
     socket_dir.chmod(0o755)
     policy = socket_dir / "policy.toml"
     policy.write_text(OPEN_POLICY)
-    args = ("--socket-mode", "666", "--policy", str(policy))
+    args = ("--socket-mode", "666", "--policy", str(policy), *broker_args)
     with running_cluster(str(socket_dir / "broker.sock"), broker_args=args) as group:
+        yield group
+
+
+@pytest.fixture
+def shared_cluster(socket_dir: Path) -> Iterator[Cluster]:
+    """:func:`open_cluster` with the default quotas."""
+    with open_cluster(socket_dir) as group:
         yield group

@@ -26,6 +26,7 @@ from pybinder.errors import (
     SecurityError,
     ServiceNotFoundError,
     UnknownTransactionError,
+    error_details,
 )
 from pybinder.protocol import (
     REPLY_BINDER_ERROR,
@@ -126,7 +127,7 @@ class ServiceManager:
         except BinderError as exc:
             if isinstance(exc, SecurityError | QuotaExceededError):
                 log.warning("pid %d (uid %d): %s", thread.process.pid, thread.process.uid, exc)
-            body = [REPLY_BINDER_ERROR, CODE_OF_ERROR.get(type(exc), 1), str(exc)]
+            body = _binder_error(exc)
         except (TypeError, ValueError) as exc:
             body = [REPLY_EXCEPTION, "builtins", type(exc).__name__, [str(exc)], ""]
         if not oneway and body[1] is not _DEFERRED:
@@ -284,7 +285,7 @@ class ServiceManager:
             self._check_allowed("find", name, process, service)
             return [REPLY_OK, self._handle_for(process, name, service)]
         except (SecurityError, QuotaExceededError) as exc:
-            return [REPLY_BINDER_ERROR, CODE_OF_ERROR[type(exc)], str(exc)]
+            return _binder_error(exc)
 
     def _check_names_quota(self, process: ProcessRecord, existing: Service | None) -> None:
         quotas = self._router.quotas
@@ -386,6 +387,12 @@ class ServiceManager:
         self._sorted = None
         service.node.holders -= 1
         self._router.maybe_release(service.node)
+
+
+def _binder_error(error: BinderError) -> list[Any]:
+    """The reply body for ``error``: REPLY_BINDER_ERROR, its code, message, details."""
+    code = CODE_OF_ERROR.get(type(error), 1)
+    return [REPLY_BINDER_ERROR, code, str(error), *error_details(error)]
 
 
 def _checked_timeout(timeout: Any) -> float | None:

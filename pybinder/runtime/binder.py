@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pybinder import parcel
 from pybinder.errors import (
     CODE_OF_ERROR,
-    ERROR_CODES,
     BinderError,
     InterfaceMismatchError,
     ProtocolError,
     RemoteError,
-    TransactionTooLargeError,
     UnknownTransactionError,
+    error_details,
+    error_from_reply,
 )
 from pybinder.protocol import REPLY_BINDER_ERROR, REPLY_EXCEPTION, REPLY_OK, TF_ONE_WAY
 
@@ -143,7 +143,7 @@ def run_call(target: Binder, code: int, body: Any) -> list[Any]:
 
 
 def binder_error_reply(exc: BinderError) -> list[Any]:
-    return [REPLY_BINDER_ERROR, CODE_OF_ERROR.get(type(exc), 1), str(exc)]
+    return [REPLY_BINDER_ERROR, CODE_OF_ERROR.get(type(exc), 1), str(exc), *error_details(exc)]
 
 
 def exception_reply(exc: BaseException, remote_traceback: str) -> list[Any]:
@@ -176,11 +176,8 @@ def unpack_reply(body: Any) -> Any:
     if status == REPLY_OK:
         return body[1]
     if status == REPLY_BINDER_ERROR:
-        _, code, message = body
-        error_type = ERROR_CODES.get(code, BinderError)
-        if error_type is TransactionTooLargeError:
-            raise TransactionTooLargeError(message)
-        raise error_type(message)
+        _, code, message, *details = body
+        raise error_from_reply(code, message, details)
     if status == REPLY_EXCEPTION:
         _, module, qualname, args, remote_traceback = body
         raise rebuild_exception(module, qualname, args, remote_traceback)

@@ -525,7 +525,10 @@ def _refusal(commands: list[tuple[int, ...]]) -> str:
     if code == CODE_OF_ERROR[QuotaExceededError]:
         return str(quota_error(size, limit))
     if code == CODE_OF_ERROR[BrokerUnavailableError]:
-        return f"it cannot back a receive region of {size} bytes: /dev/shm has {limit} bytes free"
+        return (
+            f"/dev/shm is full: the broker cannot back a receive region of {size} bytes"
+            f" with the {limit} bytes free there"
+        )
     return f"error {code} (size {size}, limit {limit})"
 
 
