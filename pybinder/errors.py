@@ -116,7 +116,7 @@ CODE_OF_ERROR: dict[type[BinderError], int] = {cls: code for code, cls in ERROR_
 QUOTA_NAMES: tuple[str, ...] = (
     "connections_per_uid",
     "hello_timeout_s",
-    "transactions_per_process",
+    "region_share_per_sender",
     "nodes_per_process",
     "handles_per_process",
     "region_bytes_per_uid",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mmap
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pybinder.broker.allocator import BufferAllocator
 from pybinder.parcel import HEADER
@@ -14,7 +14,6 @@ from pybinder.protocol import END_WORDS, FAILED_WORD, PROGRESS_WORD, SEND_AREA, 
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
-    from pybinder.broker.daemon import Connection
     from pybinder.broker.transaction import Transaction
 
 
@@ -74,12 +73,15 @@ class Buffer:
         offset, size: where it is and how many bytes the parcel takes.
         is_async: it holds a oneway transaction (counts against the async space).
         thread: the thread it was delivered to, which must free it; None while queued.
+        sender: the process whose call it holds, counted against its share of the
+            region (None for replies and the broker's own parcels).
     """
 
     offset: int
     size: int
     is_async: bool
     thread: ThreadRecord | None = None
+    sender: ProcessRecord | None = None
 
 
 class SharedArea:
@@ -165,6 +167,8 @@ class ThreadRecord:
     """One thread's connection to the broker (binder_thread).
 
     Attributes:
+        conn: the daemon's Connection of this thread; the router only hands it back
+            to the sender it was given (a fake in tests/test_router.py).
         incoming: transactions this thread is handling, innermost last (the
             transaction stack).
         outgoing: the two-way transaction it waits on, if any.
@@ -181,7 +185,7 @@ class ThreadRecord:
         sm_waits: its get_service calls waiting in the service manager.
     """
 
-    def __init__(self, process: ProcessRecord, conn: Connection) -> None:
+    def __init__(self, process: ProcessRecord, conn: Any) -> None:
         self.process = process
         self.conn = conn
         self.incoming: list[Transaction] = []
@@ -280,6 +284,7 @@ class ProcessRecord:
         self.async_space = self.allocator.capacity // 2
         self.async_free = self.async_space
         self.buffers: dict[int, Buffer] = {}
+        self.held: dict[ProcessRecord, int] = {}  # sender -> bytes its calls' buffers hold
         self.threads: list[ThreadRecord] = []
         self.idle_stack: list[ThreadRecord] = []
         self.todo: deque[Transaction] = deque()
@@ -329,8 +334,11 @@ class ProcessRecord:
             node.holders += 1
         return ref
 
-    def allocate(self, size: int, is_async: bool) -> Buffer | None:
-        """Allocate a buffer of ``size`` bytes, or None if it does not fit now."""
+    def allocate(
+        self, size: int, is_async: bool, sender: ProcessRecord | None = None
+    ) -> Buffer | None:
+        """Allocate a buffer of ``size`` bytes, or None if it does not fit now; a
+        ``sender``'s call counts against its share (see :meth:`held_by`)."""
         if is_async and BufferAllocator.rounded(size) > self.async_free:
             return None
         offset = self.allocator.allocate(size)
@@ -338,9 +346,15 @@ class ProcessRecord:
             return None
         if is_async:
             self.async_free -= self.allocator.size_of(offset)
-        buffer = Buffer(offset, size, is_async)
+        buffer = Buffer(offset, size, is_async, None, sender)
         self.buffers[offset] = buffer
+        if sender is not None:
+            self.held[sender] = self.held.get(sender, 0) + size
         return buffer
+
+    def held_by(self, sender: ProcessRecord) -> int:
+        """Bytes of this region that buffers of ``sender``'s calls hold now."""
+        return self.held.get(sender, 0)
 
     def free(self, buffer: Buffer) -> None:
         """Return a buffer to the region's free space."""
@@ -348,6 +362,13 @@ class ProcessRecord:
         freed = self.allocator.free(buffer.offset)
         if buffer.is_async:
             self.async_free += freed
+        sender = buffer.sender
+        if sender is not None:
+            left = self.held.get(sender, buffer.size) - buffer.size
+            if left > 0:
+                self.held[sender] = left
+            else:
+                self.held.pop(sender, None)
 
     def status(self) -> dict[str, int | str]:
         """Counters for ``pybinder status`` (sizes in bytes)."""

@@ -49,6 +49,11 @@ class Quotas:
         65536, "local objects (nodes) one process may have announced to the broker"
     )
     handles_per_process: int = _quota(65536, "handles (refs) one process may hold")
+    region_share_per_sender: int = _quota(
+        50,
+        "percent of a target's region the calls of one sending process may hold at once"
+        " (binder's async space, for every call): one that never finishes cannot starve others",
+    )
     region_bytes_per_uid: int = _quota(
         4096 * MIB, "bytes of receive regions the processes of one uid may hold together"
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pybinder import protocol
 from pybinder.broker.one_copy import copy_bytes, copy_from_ring, streams
@@ -68,7 +68,6 @@ from pybinder.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pybinder.broker.daemon import Connection
     from pybinder.broker.service_manager import ServiceManager
     from pybinder.region import BrokerRegion
 
@@ -89,7 +88,8 @@ SMALL_COPY: Final = 2048
 _PARTS_FLAGS: Final = TF_PARTS | TF_RING
 _PARTS_OR_ONEWAY: Final = TF_PARTS | TF_ONE_WAY
 
-Sender = Callable[["Connection", bytes], None]
+#: Delivers one message to a thread's connection (``ThreadRecord.conn``).
+Sender = Callable[[Any, bytes], None]
 
 
 class Transaction:
@@ -380,13 +380,20 @@ class Router:
         return True
 
     def retry_space_waiters(self, process: ProcessRecord) -> None:
-        """Copy queued oneway transactions, in order, while they fit."""
+        """Copy queued oneway transactions, in order, while they fit. A waiter whose
+        sending process holds its share of the region already waits on without
+        holding up the other senders' waiters behind it (a thread has one waiter at
+        a time, so each thread's calls keep their order)."""
         waiters = process.space_waiters
-        while waiters:
-            txn = waiters[0]
+        index = 0
+        while index < len(waiters):
+            txn = waiters[index]
             sender = txn.from_thread
             if sender is None or not sender.alive:
-                waiters.popleft()
+                del waiters[index]
+                continue
+            if self._over_share(sender.process, process, txn.size):
+                index += 1
                 continue
             sender.window_call = bool(txn.flags & TF_WINDOW)
             try:
@@ -395,7 +402,7 @@ class Router:
                 sender.window_call = False
             if not copied:
                 return
-            waiters.popleft()
+            del waiters[index]
             sender.waiting_oneway = None
             if sender.backlog:
                 self.run_backlog(sender)
@@ -463,7 +470,9 @@ class Router:
         oneway = bool(flags & TF_ONE_WAY)
         if oneway and (target.space_waiters or size > target.async_space):
             return  # backpressure or too large: decided when complete
-        parts.buffer = target.allocate(size, oneway)
+        if self._over_share(thread.process, target, size):
+            return  # decided (and refused) when complete
+        parts.buffer = target.allocate(size, oneway, thread.process)
         if parts.buffer is not None:
             parts.target = target
 
@@ -618,7 +627,8 @@ class Router:
     # -- the one copy and object translation ---------------------------------------
 
     def _copy_transaction(self, txn: Transaction, sender: ThreadRecord, is_async: bool) -> Buffer:
-        """:meth:`_copy` for a transaction's parcel."""
+        """:meth:`_copy` for a transaction's parcel, counted against the sender's share
+        of the target's region."""
         return self._copy(
             sender,
             txn.target,
@@ -628,7 +638,17 @@ class Router:
             txn.tail_len,
             txn.buffer,
             txn.head_offset,
+            True,
         )
+
+    def _over_share(self, sender: ProcessRecord, target: ProcessRecord, size: int) -> bool:
+        """Whether ``size`` more bytes of ``sender``'s calls would pass its share of
+        ``target``'s region (region_share_per_sender); one call always fits."""
+        percent = self.quotas.region_share_per_sender
+        if not percent or sender is target or not self.quotas.applies_to(sender.uid):
+            return False
+        held = target.held_by(sender)
+        return held > 0 and held + size > target.region_size * percent // 100
 
     def _copy(
         self,
@@ -640,6 +660,7 @@ class Router:
         tail_len: int = 0,
         filled: Buffer | None = None,
         head_offset: int = 0,
+        is_call: bool = False,
     ) -> Buffer:
         """Copy a parcel from ``sender``'s areas into a new buffer of ``target``, and
         check and translate the copy.
@@ -647,7 +668,8 @@ class Router:
         The parcel is ``size - tail_len`` bytes of the send area from ``head_offset``
         followed by ``tail_len`` bytes of the loan area at ``tail_offset``, which
         :meth:`ThreadRecord.parcel_fits` has checked. A ``filled`` buffer already
-        holds the copy (a parcel sent in parts): it is only checked.
+        holds the copy (a parcel sent in parts): it is only checked. A call's buffer
+        (``is_call``) counts against its sender's share of the target's region.
 
         The span is checked against the areas as they are mapped now, right before
         the bytes move: what was checked when the command came may have changed.
@@ -667,7 +689,12 @@ class Router:
         if buffer is None:
             if not sender.parcel_fits(size, tail_offset, tail_len, head_offset):
                 raise ProtocolError(f"a parcel of {size} bytes outside the sender's areas")
-            buffer = target.allocate(size, is_async)
+            holder = sender.process if is_call else None
+            if holder is not None and self._over_share(holder, target, size):
+                if is_async:  # a oneway call waits for the sender's own calls to end
+                    raise TransactionTooLargeError("the sender holds its share", size, 0)
+                raise self.quotas.error("region_share_per_sender", f"pid {holder.pid}'s calls")
+            buffer = target.allocate(size, is_async, holder)
             if buffer is None:
                 raise _too_large(target, size, is_async)
             self._fill(sender, region, buffer.offset, size, tail_offset, tail_len, head_offset)

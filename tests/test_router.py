@@ -1,0 +1,314 @@
+"""The broker's parts in process, without sockets: the router with a fake sender,
+and each quota and bound it enforces, in milliseconds.
+
+Processes here are real ProcessRecords (real regions in /dev/shm) and real send
+areas (sealed memfds); only the connections are fakes that record what the broker
+would send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import posix_ipc
+import pytest
+
+from pybinder import parcel, protocol
+from pybinder.broker.daemon import Broker
+from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.quotas import LogBudget, Quotas, add_arguments, from_arguments
+from pybinder.broker.service_manager import ServiceManager
+from pybinder.broker.transaction import Router
+from pybinder.errors import CODE_OF_ERROR, QUOTA_NAMES, ProtocolError, QuotaExceededError
+from pybinder.parcel import OBJ_NODE, ObjectRef
+from pybinder.protocol import (
+    BR_FAILED_REPLY,
+    BR_TRANSACTION,
+    BR_TRANSACTION_COMPLETE,
+    SEND_AREA,
+    TF_ONE_WAY,
+    TF_PARTS,
+)
+from pybinder.region import SHM_PREFIX, create_send_area, map_send_area, sweep_dead_brokers_names
+
+REGION = 64 * 1024
+QUOTA = CODE_OF_ERROR[QuotaExceededError]
+
+
+class FakeConnection:
+    """Stands for a thread's socket: keeps what the broker sends it."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[int, ...]] = []
+
+    def commands(self) -> list[int]:
+        return [command[0] for command in self.received]
+
+
+class World:
+    """A router, its service manager, and processes made on demand."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.router = Router(self._send, quotas)
+        self.timers: list[tuple[float, object]] = []
+        self.router.service_manager = ServiceManager(
+            self.router, self._call_later, lambda caller: {}
+        )
+        self.processes: list[ProcessRecord] = []
+        self.maps: list[object] = []
+
+    def _send(self, conn: FakeConnection, message: bytes) -> None:
+        conn.received.extend(protocol.decode(message))
+
+    def _call_later(self, delay: float, callback: object) -> object:
+        self.timers.append((delay, callback))
+        return _Cancellable()
+
+    def process(self, uid: int = 1000) -> ProcessRecord:
+        key = len(self.processes) + 1
+        process = ProcessRecord(key, 4000 + key, uid, uid, REGION)
+        self.router.add_process(process)
+        self.processes.append(process)
+        return process
+
+    def thread(self, process: ProcessRecord, area: int = REGION) -> ThreadRecord:
+        thread = ThreadRecord(process, FakeConnection())  # type: ignore[arg-type]
+        process.threads.append(thread)
+        fd, mapping = create_send_area(area)
+        try:
+            thread.set_area(SEND_AREA, map_send_area(fd, area))
+        finally:
+            os.close(fd)
+        self.maps.append(mapping)
+        return thread
+
+    def looper(self, process: ProcessRecord) -> ThreadRecord:
+        thread = self.thread(process)
+        self.router.enter_looper(thread)
+        return thread
+
+    def close(self) -> None:
+        for process in self.processes:
+            for thread in list(process.threads):
+                self.router.thread_exited(thread)
+            process.region.close()
+        for mapping in self.maps:
+            mapping.close()  # type: ignore[attr-defined]
+
+
+class _Cancellable:
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.fixture
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    marker = request.node.get_closest_marker("quotas")
+    quotas = Quotas(**(marker.kwargs if marker else {}))
+    made = World(quotas)
+    yield made
+    made.close()
+
+
+def write_call(thread: ThreadRecord, body: object) -> int:
+    """Write a parcel of ``body`` in ``thread``'s send area; its size in bytes."""
+    encoded = parcel.encode(body)
+    area = thread.areas[SEND_AREA]
+    assert area is not None
+    encoded.write_into(area.view)
+    return encoded.size
+
+
+def node_of(world: World, owner: ProcessRecord, holder: ProcessRecord, local_id: int = 1) -> int:
+    """A node of ``owner`` that ``holder`` has a handle to; the handle."""
+    node = world.router.node_for_entry(owner, OBJ_NODE, local_id)
+    ref = holder.ref_for(node)
+    ref.count += 1
+    return ref.handle
+
+
+def last(thread: ThreadRecord) -> tuple[int, ...]:
+    return thread.conn.received[-1]  # type: ignore[attr-defined]
+
+
+def quota_named(command: tuple[int, ...]) -> str:
+    assert command[0] == BR_FAILED_REPLY and command[1] == QUOTA, command
+    return QUOTA_NAMES[command[2]]
+
+
+@pytest.mark.quotas(nodes_per_process=3)
+def test_a_parcel_with_more_new_nodes_than_the_quota_fails_and_changes_nothing(world):
+    a, b = world.process(), world.process()
+    world.looper(b)
+    handle = node_of(world, b, a)
+    thread = world.thread(a)
+    size = write_call(thread, ["d", [ObjectRef(OBJ_NODE, i) for i in range(1, 5)], {}])
+    world.router.transaction(thread, handle, 1, 0, size)
+    assert quota_named(last(thread)) == "nodes_per_process"
+    assert not a.nodes and b.allocator.in_use == 0 and not b.refs
+    size = write_call(thread, ["d", [ObjectRef(OBJ_NODE, i) for i in range(1, 4)], {}])
+    world.router.transaction(thread, handle, 1, 0, size)
+    assert len(a.nodes) == 3 and len(b.refs) == 3  # three fit
+
+
+@pytest.mark.quotas(handles_per_process=2)
+def test_a_target_at_its_handle_quota_gets_no_more_handles(world):
+    a, b = world.process(), world.process()
+    world.looper(b)
+    handle = node_of(world, b, a)
+    thread = world.thread(a)
+    size = write_call(thread, ["d", [ObjectRef(OBJ_NODE, i) for i in range(1, 4)], {}])
+    world.router.transaction(thread, handle, 1, 0, size)
+    assert quota_named(last(thread)) == "handles_per_process"
+    assert not b.refs and b.allocator.in_use == 0
+
+
+@pytest.mark.quotas(region_share_per_sender=10)
+def test_one_sender_may_hold_only_its_share_of_a_target_region(world):
+    a, b, c = world.process(), world.process(), world.process()
+    handle = node_of(world, b, a)  # b has no looper: calls queue, holding their buffers
+    first, second = world.thread(a), world.thread(a)
+    size = write_call(first, ["d", [bytes(4000)], {}])
+    world.router.transaction(first, handle, 1, 0, size)
+    assert b.held_by(a) == size
+    write_call(second, ["d", [bytes(4000)], {}])
+    world.router.transaction(second, handle, 1, 0, size)
+    assert quota_named(last(second)) == "region_share_per_sender"
+    other = world.thread(c)  # another sender still has room
+    handle_c = node_of(world, b, c)
+    write_call(other, ["d", [bytes(4000)], {}])
+    world.router.transaction(other, handle_c, 1, 0, size)
+    assert b.held_by(c) == size
+
+
+def test_root_is_exempt_from_the_quotas(world):
+    world.router.quotas = Quotas(region_share_per_sender=10)
+    root, b = world.process(uid=0), world.process()
+    handle = node_of(world, b, root)
+    for _ in range(3):
+        thread = world.thread(root)
+        size = write_call(thread, ["d", [bytes(4000)], {}])
+        world.router.transaction(thread, handle, 1, 0, size)
+        assert not thread.conn.received  # queued, not refused
+    assert b.held_by(root) == 3 * size
+
+
+def test_a_parcel_in_parts_whose_sender_stopped_fails_and_frees_its_space(world):
+    a, b = world.process(), world.process()
+    world.looper(b)
+    handle = node_of(world, b, a)
+    thread = world.thread(a)
+    size = write_call(thread, ["d", [bytes(8000)], {}])
+    world.router.transaction(thread, handle, 1, TF_PARTS, size)
+    world.router.parcel_ready(thread, size // 2)
+    assert b.allocator.in_use > 0  # the early copy holds its space
+    world.router.expire_parts(time.monotonic() - 60)  # recent: kept
+    assert thread.parts is not None
+    world.router.expire_parts(time.monotonic() + 1)
+    assert quota_named(last(thread)) == "parts_timeout_s"
+    assert thread.parts is None and b.allocator.in_use == 0
+    assert thread not in world.router.parts_senders
+
+
+def test_a_copy_checks_the_areas_as_they_are_when_the_bytes_move(world):
+    a, b = world.process(), world.process()
+    looper = world.looper(b)
+    handle = node_of(world, b, a)
+    filler, sender = world.thread(a), world.thread(a)
+    big = write_call(filler, ["d", [bytes(b.async_space - 2048)], {}])
+    world.router.transaction(filler, handle, 1, TF_ONE_WAY, big)  # fills the async space
+    size = write_call(sender, ["d", [bytes(4096)], {}])
+    world.router.transaction(sender, handle, 1, TF_ONE_WAY, size)
+    assert sender.waiting_oneway is not None  # waits for room
+    fd, small = create_send_area(4096)
+    try:
+        sender.set_area(SEND_AREA, map_send_area(fd, 4096))  # behind the daemon's back
+    finally:
+        os.close(fd)
+    world.maps.append(small)
+    delivered = [c for c in looper.conn.received if c[0] == BR_TRANSACTION]
+    world.router.free_buffer(looper, delivered[0][4])  # room now: the retry copies...
+    refused = last(sender)
+    assert refused[0] == BR_FAILED_REPLY and refused[1] == CODE_OF_ERROR[ProtocolError]
+    assert BR_TRANSACTION_COMPLETE not in sender.conn.commands()  # ...nothing read outside
+
+
+@pytest.mark.quotas(service_manager_parcel=1024)
+def test_a_service_manager_parcel_over_its_quota_is_refused_unread(world):
+    a = world.process()
+    thread = world.thread(a)
+    size = write_call(thread, [protocol.SERVICE_MANAGER_DESCRIPTOR, [bytes(4096)], {}])
+    world.router.transaction(thread, 0, protocol.SM_CHECK_SERVICE, 0, size)
+    assert quota_named(last(thread)) == "service_manager_parcel"
+
+
+@pytest.mark.quotas(waiters_per_process=2)
+def test_waits_for_a_name_are_bounded_per_process(world):
+    a = world.process()
+    sm = world.router.service_manager
+    threads = [world.thread(a) for _ in range(3)]
+    for thread in threads:
+        size = write_call(thread, [protocol.SERVICE_MANAGER_DESCRIPTOR, ["x", 10.0], {}])
+        world.router.transaction(thread, 0, protocol.SM_WAIT_FOR_SERVICE, 0, size)
+    assert len(world.timers) == 2  # two wait; the third was answered with the quota error
+    assert threads[2].conn.received  # a BR_REPLY carrying the error
+    world.router.thread_exited(threads[0])
+    assert sm._waiters_of[a] == 1
+
+
+def test_cancelled_timers_leave_the_loop(tmp_path: Path):
+    broker = Broker(tmp_path / "b.sock")
+    try:
+        timers = [broker.call_later(3600, lambda: None) for _ in range(1000)]
+        for timer in timers:
+            timer.cancel()
+        assert len(broker._timers) < 200
+    finally:
+        broker.close()
+
+
+def test_a_log_flood_costs_a_counter_not_lines():
+    budget = LogBudget(burst=5, per_second=1000.0)
+    record = logging.LogRecord("x", logging.WARNING, "f", 1, "pid %d sent junk", (1,), None)
+    passed = sum(budget.filter(record) for _ in range(1000))
+    assert 5 <= passed < 50
+    time.sleep(0.01)
+    assert budget.filter(record)
+    assert "similar lines dropped" in record.msg
+
+
+def test_quotas_are_broker_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    quotas = from_arguments(parser.parse_args(["--nodes-per-process", "7", "--no-exempt-root"]))
+    assert quotas.nodes_per_process == 7 and not quotas.exempt_root
+    assert quotas.over("nodes_per_process", 0, 8)
+    with pytest.raises(ValueError, match="parts_timeout_s"):
+        from_arguments(parser.parse_args(["--parts-timeout-s", "0"]))
+    assert set(QUOTA_NAMES) <= set(Quotas.__dataclass_fields__)
+
+
+def test_names_a_killed_broker_left_are_swept_and_live_ones_kept():
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)  # a pid that no longer runs
+    dead = f"/{SHM_PREFIX}{child}-sweeptest"
+    live = f"/{SHM_PREFIX}{os.getpid()}-sweeptest"
+    for name in (dead, live):
+        posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096).close_fd()
+    try:
+        assert sweep_dead_brokers_names() >= 1
+        names = os.listdir("/dev/shm")
+        assert dead[1:] not in names and live[1:] in names
+    finally:
+        for name in (dead, live):
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_shared_memory(name)
