@@ -39,6 +39,8 @@ COMPILED_MODULES = (
     "pybinder.parcel",
     "pybinder.region",
     "pybinder.broker.allocator",
+    "pybinder.broker.records",
+    "pybinder.broker.node",
     "pybinder.broker.process",
     "pybinder.broker.one_copy",
     "pybinder.broker.transaction",

@@ -5,83 +5,16 @@ from __future__ import annotations
 
 import mmap
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pybinder.broker.allocator import BufferAllocator
-from pybinder.parcel import HEADER
+from pybinder.broker.node import Node, Ref
+from pybinder.broker.records import Buffer
 from pybinder.protocol import END_WORDS, FAILED_WORD, PROGRESS_WORD, SEND_AREA, SETTLED_WORD
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
-    from pybinder.broker.transaction import Transaction
-
-
-@dataclass(eq=False, slots=True)
-class Node:
-    """A local object (Stub) in its owner that others can reach (binder_node).
-
-    Attributes:
-        owner: the process that owns the object.
-        local_id: the owner's id for it, as the owner wrote it in a parcel.
-        holders: references held: one per process that has a handle, one per
-            service-manager entry.
-        received: how many times the owner has sent this node; returned to the owner
-            with BR_RELEASE_NODE so it can tell stale releases from new sends.
-        active: transactions to this node that have not finished.
-        async_todo: oneway transactions waiting for the one in flight to finish.
-        async_busy: how many transactions of this node's oneway lane are delivered and
-            not yet done (a batch of oneway calls goes to one looper at once).
-        oneway_senders: per sending thread, its oneway calls to this node not yet done.
-    """
-
-    owner: ProcessRecord
-    local_id: int
-    holders: int = 0
-    received: int = 0
-    active: int = 0
-    async_todo: deque[Transaction] = field(default_factory=deque)
-    async_busy: int = 0
-    oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
-
-    @property
-    def dead(self) -> bool:
-        return self.owner.dead
-
-
-@dataclass(eq=False, slots=True)
-class Ref:
-    """One process's handle to a node (binder_ref); ``count`` is the deliveries not released.
-
-    ``call_denied``: the process got it by a name lookup the access policy lets it
-    make but whose calls it denies; a delivery of the node in a parcel (a
-    capability, as in Binder) clears it.
-    """
-
-    process: ProcessRecord
-    handle: int
-    node: Node
-    count: int = 0
-    call_denied: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class Buffer:
-    """A live allocation in a receive region (binder_buffer).
-
-    Attributes:
-        offset, size: where it is and how many bytes the parcel takes.
-        is_async: it holds a oneway transaction (counts against the async space).
-        thread: the thread it was delivered to, which must free it; None while queued.
-        sender: the process whose call it holds, counted against its share of the
-            region (None for replies and the broker's own parcels).
-    """
-
-    offset: int
-    size: int
-    is_async: bool
-    thread: ThreadRecord | None = None
-    sender: ProcessRecord | None = None
+    from pybinder.broker.records import ParcelSpan, Transaction
 
 
 class SharedArea:
@@ -240,27 +173,21 @@ class ThreadRecord:
                 area.close()
         self.areas = [None, None]
 
-    def parcel_fits(self, size: int, tail_offset: int, tail_len: int, head_offset: int = 0) -> bool:
-        """Whether a parcel of ``size`` bytes, the first ``size - tail_len`` of them
-        from the send area at ``head_offset`` and the rest from the loan area at
-        ``tail_offset``, lies inside this thread's areas."""
+    def holds(self, span: ParcelSpan) -> bool:
+        """Whether ``span`` lies inside this thread's areas as they are now."""
         send, loan = self.areas
-        head = size - tail_len
-        if send is None or not HEADER.size <= head or head_offset + head > send.size:
-            return False
-        return not tail_len or (loan is not None and tail_offset + tail_len <= loan.size)
+        return span.lies_in(send, loan)
 
-    def parcel_bytes(
-        self, size: int, tail_offset: int, tail_len: int, head_offset: int = 0
-    ) -> bytes:
-        """A private copy of a parcel that :meth:`parcel_fits` accepted."""
+    def parcel_bytes(self, span: ParcelSpan) -> bytes:
+        """A private copy of a parcel whose span :meth:`holds` accepted."""
         send, loan = self.areas
         assert send is not None
-        head = bytes(send.view[head_offset : head_offset + size - tail_len])
-        if not tail_len:
+        start = span.head_offset
+        head = bytes(send.view[start : start + span.head_len])
+        if not span.tail_len:
             return head
         assert loan is not None
-        return head + bytes(loan.view[tail_offset : tail_offset + tail_len])
+        return head + bytes(loan.view[span.tail_offset : span.tail_offset + span.tail_len])
 
 
 class ProcessRecord:

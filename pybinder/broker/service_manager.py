@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pybinder import parcel, protocol
+from pybinder.broker.node import Node
 from pybinder.broker.policy import Caller, Policy
-from pybinder.broker.process import Node, ProcessRecord, ThreadRecord
+from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.transaction import Router, check_entry
 from pybinder.errors import (
     CODE_OF_ERROR,

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pybinder import protocol
-from pybinder.broker.one_copy import copy_bytes, copy_from_ring, streams
-from pybinder.broker.process import Buffer, Node, Parts, ProcessRecord, Ref, ThreadRecord
+from pybinder.broker.node import Node, Ref
+from pybinder.broker.one_copy import copy_bytes, copy_from_ring, copy_parcel, streams
+from pybinder.broker.process import Parts, ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import Quotas, error_fields
+from pybinder.broker.records import Buffer, ParcelSpan, Transaction
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -69,7 +71,6 @@ from pybinder.protocol import (
 
 if TYPE_CHECKING:
     from pybinder.broker.service_manager import ServiceManager
-    from pybinder.region import BrokerRegion
 
 log: Final = logging.getLogger("pybinder.broker")
 
@@ -81,94 +82,11 @@ _BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
 #: then wakes once per batch instead of once per call.
 MAX_BATCH: Final = 32
 
-#: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
-#: assignment, which costs a third of a ``ctypes.memmove`` call.
-SMALL_COPY: Final = 2048
-
 _PARTS_FLAGS: Final = TF_PARTS | TF_RING
 _PARTS_OR_ONEWAY: Final = TF_PARTS | TF_ONE_WAY
 
 #: Delivers one message to a thread's connection (``ThreadRecord.conn``).
 Sender = Callable[[Any, bytes], None]
-
-
-class Transaction:
-    """One call on its way (binder_transaction).
-
-    Attributes:
-        node, code, flags, size: the target node, method code, TF_* flags and the
-            parcel's size in bytes.
-        from_thread: the caller; None once it has gone (its reply is then dropped).
-        sender_pid, sender_uid, sender_gid: the caller's credentials (SO_PEERCRED).
-        parent: the transaction ``from_thread`` was handling when it called, for
-            routing nested calls back along the chain.
-        origin: the sending thread, kept for ordering after ``from_thread`` is cleared.
-        tail_offset, tail_len: where the parcel's tail lies in the sender's loan area.
-        head_offset: where the rest lies in the sender's send area.
-        oneway: TF_ONE_WAY is set.
-        buffer: the target's copy, once made.
-        to_thread: the thread handling it, once delivered.
-        in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
-            call, and a two-way call sent behind oneway calls of the same thread.
-        batch: the oneway calls of its lane handed to the same looper with it.
-    """
-
-    __slots__ = (
-        "batch",
-        "buffer",
-        "code",
-        "flags",
-        "from_thread",
-        "head_offset",
-        "in_async_lane",
-        "node",
-        "oneway",
-        "origin",
-        "parent",
-        "sender_gid",
-        "sender_pid",
-        "sender_uid",
-        "size",
-        "tail_len",
-        "tail_offset",
-        "to_thread",
-    )
-
-    def __init__(
-        self,
-        node: Node,
-        code: int,
-        flags: int,
-        size: int,
-        from_thread: ThreadRecord,
-        parent: Transaction | None,
-        tail_offset: int,
-        tail_len: int,
-        head_offset: int = 0,
-    ) -> None:
-        process = from_thread.process
-        self.node = node
-        self.code = code
-        self.flags = flags
-        self.size = size
-        self.from_thread: ThreadRecord | None = from_thread
-        self.origin: ThreadRecord | None = from_thread
-        self.sender_pid = process.pid
-        self.sender_uid = process.uid
-        self.sender_gid = process.gid
-        self.parent = parent
-        self.tail_offset = tail_offset
-        self.tail_len = tail_len
-        self.head_offset = head_offset
-        self.oneway = bool(flags & TF_ONE_WAY)
-        self.in_async_lane = self.oneway
-        self.buffer: Buffer | None = None
-        self.to_thread: ThreadRecord | None = None
-        self.batch: list[Transaction] | None = None
-
-    @property
-    def target(self) -> ProcessRecord:
-        return self.node.owner
 
 
 class Router:
@@ -278,13 +196,13 @@ class Router:
             self._begin_parts(thread, handle, code, flags & ~_PARTS_FLAGS, size, tail_len)
             self._choose_layout(thread, bool(flags & TF_RING))
             return
+        span = ParcelSpan(size, tail_offset, tail_len, head_offset)
         thread.window_call = bool(flags & TF_WINDOW) and flags & _PARTS_OR_ONEWAY == TF_ONE_WAY
         try:  # while it is set, a failure also settles the windowed call
             process = thread.process
             process.transactions_sent += 1
             self.transactions += 1
             if handle == SERVICE_MANAGER_HANDLE:
-                span = (size, tail_offset, tail_len, head_offset)
                 self._to_service_manager(thread, code, flags, span)
                 return
             ref = process.refs.get(handle)
@@ -298,9 +216,7 @@ class Router:
                 self._dead_reply_to(thread)
                 return
             parent = thread.incoming[-1] if thread.incoming else None
-            txn = Transaction(
-                ref.node, code, flags, size, thread, parent, tail_offset, tail_len, head_offset
-            )
+            txn = Transaction(ref.node, code, flags, span, thread, parent)
             txn.buffer = prefilled
             if txn.oneway:
                 self._start_oneway(txn)
@@ -310,19 +226,18 @@ class Router:
             thread.window_call = False
 
     def _to_service_manager(
-        self, thread: ThreadRecord, code: int, flags: int, span: tuple[int, int, int, int]
+        self, thread: ThreadRecord, code: int, flags: int, span: ParcelSpan
     ) -> None:
-        """Hand handle 0 a private copy of a transaction's parcel, once checked;
-        ``span`` is (size, tail_offset, tail_len, head_offset)."""
+        """Hand handle 0 a private copy of a transaction's parcel, once checked."""
         quotas = self.quotas
-        if quotas.over("service_manager_parcel", thread.process.uid, span[0]):
+        if quotas.over("service_manager_parcel", thread.process.uid, span.size):
             self.fail(thread, quotas.error("service_manager_parcel"))
             return
-        if not thread.parcel_fits(*span):
-            self.fail(thread, ProtocolError(), span[0], 0)
+        if not thread.holds(span):
+            self.fail(thread, ProtocolError(), span.size, 0)
             return
         assert self.service_manager is not None
-        self.service_manager.transact(thread, code, flags, thread.parcel_bytes(*span))
+        self.service_manager.transact(thread, code, flags, thread.parcel_bytes(span))
 
     def _start_two_way(self, txn: Transaction) -> None:
         thread = txn.from_thread
@@ -464,7 +379,7 @@ class Router:
         parts = thread.parts = Parts(handle, code, flags, size)
         self._parts_started(thread, parts)
         ref = thread.process.refs.get(handle)
-        if ref is None or ref.node.dead or not thread.parcel_fits(size, 0, 0):
+        if ref is None or ref.node.dead or not thread.holds(ParcelSpan(size)):
             return
         target = ref.node.owner
         oneway = bool(flags & TF_ONE_WAY)
@@ -488,7 +403,7 @@ class Router:
         parts = thread.parts = Parts(0, 0, flags, size, is_reply=True)
         self._parts_started(thread, parts)
         caller = self._waiting_caller(thread)
-        if caller is None or not thread.parcel_fits(size, 0, 0):
+        if caller is None or not thread.holds(ParcelSpan(size)):
             return
         parts.buffer = caller.process.allocate(size, is_async=False)
         if parts.buffer is not None:
@@ -629,17 +544,7 @@ class Router:
     def _copy_transaction(self, txn: Transaction, sender: ThreadRecord, is_async: bool) -> Buffer:
         """:meth:`_copy` for a transaction's parcel, counted against the sender's share
         of the target's region."""
-        return self._copy(
-            sender,
-            txn.target,
-            txn.size,
-            is_async,
-            txn.tail_offset,
-            txn.tail_len,
-            txn.buffer,
-            txn.head_offset,
-            True,
-        )
+        return self._copy(sender, txn.target, txn.span, is_async, txn.buffer, True)
 
     def _over_share(self, sender: ProcessRecord, target: ProcessRecord, size: int) -> bool:
         """Whether ``size`` more bytes of ``sender``'s calls would pass its share of
@@ -654,25 +559,17 @@ class Router:
         self,
         sender: ThreadRecord,
         target: ProcessRecord,
-        size: int,
+        span: ParcelSpan,
         is_async: bool,
-        tail_offset: int = 0,
-        tail_len: int = 0,
         filled: Buffer | None = None,
-        head_offset: int = 0,
         is_call: bool = False,
     ) -> Buffer:
-        """Copy a parcel from ``sender``'s areas into a new buffer of ``target``, and
-        check and translate the copy.
-
-        The parcel is ``size - tail_len`` bytes of the send area from ``head_offset``
-        followed by ``tail_len`` bytes of the loan area at ``tail_offset``, which
-        :meth:`ThreadRecord.parcel_fits` has checked. A ``filled`` buffer already
-        holds the copy (a parcel sent in parts): it is only checked. A call's buffer
-        (``is_call``) counts against its sender's share of the target's region.
-
-        The span is checked against the areas as they are mapped now, right before
-        the bytes move: what was checked when the command came may have changed.
+        """Copy the parcel at ``span`` in ``sender``'s areas into a new buffer of
+        ``target`` (:func:`~pybinder.broker.one_copy.copy_parcel` checks the span
+        against the areas as they are mapped then), and check and translate the copy.
+        A ``filled`` buffer already holds the copy (a parcel sent in parts): it is
+        only checked. A call's buffer (``is_call``) counts against its sender's share
+        of the target's region.
 
         Raises:
             DeadObjectError: the target has died.
@@ -685,10 +582,9 @@ class Router:
         if target.dead:
             raise DeadObjectError()
         region = target.region
+        size = span.size
         buffer = filled
         if buffer is None:
-            if not sender.parcel_fits(size, tail_offset, tail_len, head_offset):
-                raise ProtocolError(f"a parcel of {size} bytes outside the sender's areas")
             holder = sender.process if is_call else None
             if holder is not None and self._over_share(holder, target, size):
                 if is_async:  # a oneway call waits for the sender's own calls to end
@@ -697,7 +593,11 @@ class Router:
             buffer = target.allocate(size, is_async, holder)
             if buffer is None:
                 raise _too_large(target, size, is_async)
-            self._fill(sender, region, buffer.offset, size, tail_offset, tail_len, head_offset)
+            try:
+                copy_parcel(sender, region, buffer.offset, span)
+            except ProtocolError:
+                target.free(buffer)
+                raise
         start = buffer.offset
         dest = region.view[start : start + size]
         try:
@@ -716,29 +616,6 @@ class Router:
         finally:
             dest.release()
         return buffer
-
-    @staticmethod
-    def _fill(
-        sender: ThreadRecord,
-        region: BrokerRegion,
-        start: int,
-        size: int,
-        tail_offset: int,
-        tail_len: int,
-        head_offset: int,
-    ) -> None:
-        """The one copy: the parcel from ``sender``'s areas to ``region`` at ``start``."""
-        send, loan = sender.areas
-        assert send is not None
-        if size < SMALL_COPY and not tail_len:
-            region.view[start : start + size] = send.view[head_offset : head_offset + size]
-            return
-        head = size - tail_len
-        stream = streams(size)
-        copy_bytes(region.address + start, send.address + head_offset, head, stream)
-        if tail_len:
-            assert loan is not None
-            copy_bytes(region.address + start + head, loan.address + tail_offset, tail_len, stream)
 
     def _count_buffers(self, dest: memoryview, n_buffers: int, table: int) -> None:
         for i in range(n_buffers):
@@ -951,9 +828,8 @@ class Router:
         prefilled: Buffer | None,
     ) -> None:
         try:
-            buffer = self._copy(
-                thread, caller.process, size, False, tail_offset, tail_len, prefilled
-            )
+            span = ParcelSpan(size, tail_offset, tail_len)
+            buffer = self._copy(thread, caller.process, span, False, prefilled)
         except BinderError as exc:
             self.fail(caller, exc, size, _limit_of(exc))
             return

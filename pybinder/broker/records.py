@@ -1,0 +1,148 @@
+"""The value objects a transaction is made of: where its parcel lies (ParcelSpan),
+the transaction itself (binder_transaction) and the buffer its copy occupies
+(binder_buffer). Slotted, so the router passes one object, not loose integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pybinder.parcel import HEADER
+from pybinder.protocol import TF_ONE_WAY
+
+if TYPE_CHECKING:
+    from pybinder.broker.node import Node
+    from pybinder.broker.process import ProcessRecord, SharedArea, ThreadRecord
+
+
+class ParcelSpan:
+    """Where a parcel of ``size`` bytes lies in its sender's areas: its first
+    ``size - tail_len`` bytes in the send area from ``head_offset``, its last
+    ``tail_len`` in the loan area from ``tail_offset`` (0: no tail). All in bytes.
+
+    A span comes from a client, so nothing about it is trusted: :meth:`lies_in`
+    checks it against the areas as they are mapped at the moment it is asked.
+    """
+
+    __slots__ = ("head_offset", "size", "tail_len", "tail_offset")
+
+    def __init__(
+        self, size: int, tail_offset: int = 0, tail_len: int = 0, head_offset: int = 0
+    ) -> None:
+        self.size = size
+        self.tail_offset = tail_offset
+        self.tail_len = tail_len
+        self.head_offset = head_offset
+
+    @property
+    def head_len(self) -> int:
+        """Bytes of the parcel in the send area."""
+        return self.size - self.tail_len
+
+    def lies_in(self, send: SharedArea | None, loan: SharedArea | None) -> bool:
+        """Whether the span lies inside ``send`` (and ``loan`` for a tail), and its
+        head holds at least a parcel header."""
+        head = self.size - self.tail_len
+        if send is None or not HEADER.size <= head or self.head_offset + head > send.size:
+            return False
+        tail = self.tail_len
+        return not tail or (loan is not None and self.tail_offset + tail <= loan.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"ParcelSpan(size={self.size}, head_offset={self.head_offset},"
+            f" tail_offset={self.tail_offset}, tail_len={self.tail_len})"
+        )
+
+
+@dataclass(eq=False, slots=True)
+class Buffer:
+    """A live allocation in a receive region (binder_buffer).
+
+    Attributes:
+        offset, size: where it is and how many bytes the parcel takes.
+        is_async: it holds a oneway transaction (counts against the async space).
+        thread: the thread it was delivered to, which must free it; None while queued.
+        sender: the process whose call it holds, counted against its share of the
+            region (None for replies and the broker's own parcels).
+    """
+
+    offset: int
+    size: int
+    is_async: bool
+    thread: ThreadRecord | None = None
+    sender: ProcessRecord | None = None
+
+
+class Transaction:
+    """One call on its way (binder_transaction).
+
+    Attributes:
+        node, code, flags: the target node, method code and TF_* flags.
+        span: where the parcel lies in the sender's areas (its size, in bytes).
+        from_thread: the caller; None once it has gone (its reply is then dropped).
+        sender_pid, sender_uid, sender_gid: the caller's credentials (SO_PEERCRED).
+        parent: the transaction ``from_thread`` was handling when it called, for
+            routing nested calls back along the chain.
+        origin: the sending thread, kept for ordering after ``from_thread`` is cleared.
+        oneway: TF_ONE_WAY is set.
+        buffer: the target's copy, once made.
+        to_thread: the thread handling it, once delivered.
+        in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
+            call, and a two-way call sent behind oneway calls of the same thread.
+        batch: the oneway calls of its lane handed to the same looper with it.
+    """
+
+    __slots__ = (
+        "batch",
+        "buffer",
+        "code",
+        "flags",
+        "from_thread",
+        "in_async_lane",
+        "node",
+        "oneway",
+        "origin",
+        "parent",
+        "sender_gid",
+        "sender_pid",
+        "sender_uid",
+        "span",
+        "to_thread",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        code: int,
+        flags: int,
+        span: ParcelSpan,
+        from_thread: ThreadRecord,
+        parent: Transaction | None,
+    ) -> None:
+        process = from_thread.process
+        self.node = node
+        self.code = code
+        self.flags = flags
+        self.span = span
+        self.from_thread: ThreadRecord | None = from_thread
+        self.origin: ThreadRecord | None = from_thread
+        self.sender_pid = process.pid
+        self.sender_uid = process.uid
+        self.sender_gid = process.gid
+        self.parent = parent
+        self.oneway = bool(flags & TF_ONE_WAY)
+        self.in_async_lane = self.oneway
+        self.buffer: Buffer | None = None
+        self.to_thread: ThreadRecord | None = None
+        self.batch: list[Transaction] | None = None
+
+    @property
+    def target(self) -> ProcessRecord:
+        return self.node.owner
+
+    @property
+    def size(self) -> int:
+        """The parcel's size in bytes."""
+        return self.span.size
