@@ -43,7 +43,10 @@ COMPILED_MODULES = (
     "pybinder.broker.node",
     "pybinder.broker.process",
     "pybinder.broker.one_copy",
-    "pybinder.broker.transaction",
+    "pybinder.broker.translate",
+    "pybinder.broker.parts",
+    "pybinder.broker.death",
+    "pybinder.broker.router",
     "pybinder.broker.daemon",
     "pybinder.runtime.thread_state",
 )

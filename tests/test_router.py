@@ -20,10 +20,12 @@ import pytest
 
 from pybinder import parcel, protocol
 from pybinder.broker.daemon import Broker
+from pybinder.broker.death import thread_exited
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import LogBudget, Quotas, add_arguments, from_arguments
+from pybinder.broker.router import Router
 from pybinder.broker.service_manager import ServiceManager
-from pybinder.broker.transaction import Router
+from pybinder.broker.translate import node_for_entry
 from pybinder.errors import CODE_OF_ERROR, QUOTA_NAMES, ProtocolError, QuotaExceededError
 from pybinder.parcel import OBJ_NODE, ObjectRef
 from pybinder.protocol import (
@@ -95,7 +97,7 @@ class World:
     def close(self) -> None:
         for process in self.processes:
             for thread in list(process.threads):
-                self.router.thread_exited(thread)
+                thread_exited(self.router, thread)
             process.region.close()
         for mapping in self.maps:
             mapping.close()  # type: ignore[attr-defined]
@@ -126,7 +128,7 @@ def write_call(thread: ThreadRecord, body: object) -> int:
 
 def node_of(world: World, owner: ProcessRecord, holder: ProcessRecord, local_id: int = 1) -> int:
     """A node of ``owner`` that ``holder`` has a handle to; the handle."""
-    node = world.router.node_for_entry(owner, OBJ_NODE, local_id)
+    node = node_for_entry(owner, OBJ_NODE, local_id)
     ref = holder.ref_for(node)
     ref.count += 1
     return ref.handle
@@ -205,14 +207,14 @@ def test_a_parcel_in_parts_whose_sender_stopped_fails_and_frees_its_space(world)
     thread = world.thread(a)
     size = write_call(thread, ["d", [bytes(8000)], {}])
     world.router.transaction(thread, handle, 1, TF_PARTS, size)
-    world.router.parcel_ready(thread, size // 2)
+    world.router.parts.ready(thread, size // 2)
     assert b.allocator.in_use > 0  # the early copy holds its space
-    world.router.expire_parts(time.monotonic() - 60)  # recent: kept
+    world.router.parts.expire(time.monotonic() - 60)  # recent: kept
     assert thread.parts is not None
-    world.router.expire_parts(time.monotonic() + 1)
+    world.router.parts.expire(time.monotonic() + 1)
     assert quota_named(last(thread)) == "parts_timeout_s"
     assert thread.parts is None and b.allocator.in_use == 0
-    assert thread not in world.router.parts_senders
+    assert thread not in world.router.parts.senders
 
 
 def test_a_copy_checks_the_areas_as_they_are_when_the_bytes_move(world):
@@ -257,7 +259,7 @@ def test_waits_for_a_name_are_bounded_per_process(world):
         world.router.transaction(thread, 0, protocol.SM_WAIT_FOR_SERVICE, 0, size)
     assert len(world.timers) == 2  # two wait; the third was answered with the quota error
     assert threads[2].conn.received  # a BR_REPLY carrying the error
-    world.router.thread_exited(threads[0])
+    thread_exited(world.router, threads[0])
     assert sm._waiters_of[a] == 1
 
 

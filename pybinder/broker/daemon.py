@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from pybinder import protocol
+from pybinder.broker.death import process_died, thread_exited
 from pybinder.broker.one_copy import STREAM_MIN
 from pybinder.broker.policy import Policy, PolicyError
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import LogBudget, Quotas, error_fields
+from pybinder.broker.router import Router
 from pybinder.broker.service_manager import ServiceManager
-from pybinder.broker.transaction import Router
 from pybinder.compiled import running_compiled
 from pybinder.errors import (
     CODE_OF_ERROR,
@@ -233,7 +234,7 @@ class Broker:
             protocol.BC_REPLY: router.reply,
             protocol.BC_FREE_BUFFER: router.free_buffer,
             protocol.BC_RELEASE: router.release,
-            protocol.BC_PARCEL_READY: router.parcel_ready,
+            protocol.BC_PARCEL_READY: router.parts.ready,
         }
 
     # -- life cycle -------------------------------------------------------------------
@@ -424,7 +425,7 @@ class Broker:
                 "transactions": router.transactions,
                 "bytes_copied": router.bytes_copied,
                 "buffer_bytes_copied": router.buffer_bytes_copied,
-                "parcels_in_parts": router.parcels_in_parts,
+                "parcels_in_parts": router.parts.parcels_in_parts,
                 "oneway_batched": router.oneway_batched,
                 "parcels_streamed": router.parcels_streamed,
                 "stream_min": STREAM_MIN,
@@ -559,7 +560,7 @@ class Broker:
 
     def _sweep(self) -> None:
         """Fail parcels in parts whose sender stopped sending (parts_timeout_s)."""
-        self.router.expire_parts(time.monotonic() - self.quotas.parts_timeout_s)
+        self.router.parts.expire(time.monotonic() - self.quotas.parts_timeout_s)
         self.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _read(self, conn: Connection) -> None:
@@ -808,9 +809,9 @@ class Broker:
             process = conn.process
             for thread in list(process.threads):
                 self._closing.append(thread.conn)
-            self.router.process_died(process)
+            process_died(self.router, process)
         elif conn.thread is not None:
-            self.router.thread_exited(conn.thread)
+            thread_exited(self.router, conn.thread)
 
 
 def _error_message(error: BinderError) -> bytes:

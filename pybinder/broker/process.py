@@ -14,6 +14,7 @@ from pybinder.protocol import END_WORDS, FAILED_WORD, PROGRESS_WORD, SEND_AREA, 
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
+    from pybinder.broker.parts import Parts
     from pybinder.broker.records import ParcelSpan, Transaction
 
 
@@ -54,46 +55,6 @@ class SharedArea:
             self._words.release()
         self.view.release()
         self._map.close()
-
-
-class Parts:
-    """A parcel a thread is sending in parts (TF_PARTS), as its transaction's fields
-    (a reply's: ``is_reply``, with no handle or code).
-
-    Attributes:
-        copied: bytes of the parcel announced by BC_PARCEL_READY and handled so far.
-        target, buffer: where the parts are copied as they come, if the transaction
-            (or the reply) could go at once; None to send it the ordinary way once
-            complete.
-        ring: the sender writes through a ring (TF_RING) and is told of each copy.
-    """
-
-    __slots__ = (
-        "buffer",
-        "code",
-        "copied",
-        "flags",
-        "handle",
-        "is_reply",
-        "last_part",
-        "ring",
-        "size",
-        "target",
-    )
-
-    def __init__(
-        self, handle: int, code: int, flags: int, size: int, is_reply: bool = False
-    ) -> None:
-        self.handle = handle
-        self.code = code
-        self.flags = flags
-        self.size = size
-        self.is_reply = is_reply
-        self.copied = 0
-        self.last_part = 0.0  # when the last part (or the first command) came, monotonic s
-        self.ring = False
-        self.target: ProcessRecord | None = None
-        self.buffer: Buffer | None = None
 
 
 class ThreadRecord:

@@ -17,7 +17,8 @@ from pybinder import parcel, protocol
 from pybinder.broker.node import Node
 from pybinder.broker.policy import Caller, Policy
 from pybinder.broker.process import ProcessRecord, ThreadRecord
-from pybinder.broker.transaction import Router, check_entry
+from pybinder.broker.router import Router
+from pybinder.broker.translate import check_entry, entry_for_node, node_for_entry
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -265,7 +266,7 @@ class ServiceManager:
         new_node = binder.kind == parcel.OBJ_NODE and binder.value not in process.nodes
         if new_node and quotas.over("nodes_per_process", process.uid, len(process.nodes) + 1):
             raise quotas.error("nodes_per_process", f"pid {process.pid}'s objects")
-        node = self._router.node_for_entry(process, binder.kind, binder.value)
+        node = node_for_entry(process, binder.kind, binder.value)
         node.holders += 1
         if existing is not None:
             self._remove(name, existing)
@@ -370,7 +371,7 @@ class ServiceManager:
             and quotas.over("handles_per_process", process.uid, len(process.refs) + 1)
         ):
             raise quotas.error("handles_per_process", f"pid {process.pid}'s handles")
-        return parcel.ObjectRef(*self._router.entry_for_node(process, node))
+        return parcel.ObjectRef(*entry_for_node(process, node))
 
     def _remove(self, name: str, service: Service) -> None:
         """Unregister ``name`` and drop the node reference its entry held."""

@@ -17,16 +17,17 @@ The :class:`Router` is the driver's core. It receives each thread's BC_* command
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pybinder import protocol
 from pybinder.broker.node import Node, Ref
-from pybinder.broker.one_copy import copy_bytes, copy_from_ring, copy_parcel, streams
-from pybinder.broker.process import Parts, ProcessRecord, ThreadRecord
+from pybinder.broker.one_copy import copy_parcel, streams
+from pybinder.broker.parts import PartsCopier
+from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import Quotas, error_fields
 from pybinder.broker.records import Buffer, ParcelSpan, Transaction
+from pybinder.broker.translate import translate
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -38,11 +39,8 @@ from pybinder.errors import (
 )
 from pybinder.parcel import (
     BUFFER_ENTRY,
-    OBJ_HANDLE,
-    OBJ_NODE,
     parse_header,
     read_objects,
-    write_object,
 )
 from pybinder.parcel import encode as encode_parcel
 from pybinder.protocol import (
@@ -57,16 +55,11 @@ from pybinder.protocol import (
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
     MAX_BACKLOG,
-    PARTS_RING,
-    PROGRESS,
-    RING_IS_ORDERED,
-    SEND_AREA,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
     TF_PARTS,
     TF_RING,
     TF_WINDOW,
-    WRITE_WHOLE,
 )
 
 if TYPE_CHECKING:
@@ -100,16 +93,14 @@ class Router:
     def __init__(self, send: Sender, quotas: Quotas | None = None) -> None:
         self._send = send
         self.quotas = quotas or Quotas()
+        self.parts = PartsCopier(self)
         self.processes: dict[int, ProcessRecord] = {}
         self.processes_of_uid: dict[int, dict[ProcessRecord, None]] = {}
-        #: Threads sending a parcel in parts, for the parts deadline (expire_parts).
-        self.parts_senders: dict[ThreadRecord, None] = {}
         self.service_manager: ServiceManager | None = None
         self.transactions = 0
         self.bytes_copied = 0
         self.buffer_bytes_copied = 0
         self.oneway_batched = 0  # oneway calls handed over in a batch behind another
-        self.parcels_in_parts = 0  # copied part by part while their senders wrote them
         self.parcels_streamed = 0  # copied with streaming stores (one_copy.STREAM_MIN)
 
     def add_process(self, process: ProcessRecord) -> None:
@@ -150,7 +141,7 @@ class Router:
         if thread.window_call:
             thread.settle(True)
 
-    def _dead_reply_to(self, thread: ThreadRecord) -> None:
+    def dead_reply_to(self, thread: ThreadRecord) -> None:
         """Tell ``thread`` its call's target has died (and count a windowed call as
         settled, failed)."""
         self.send(thread, protocol.encode(BR_DEAD_REPLY))
@@ -189,12 +180,12 @@ class Router:
         ``thread``'s send area from ``head_offset`` (and its last ``tail_len`` bytes
         in its loan area).
 
-        With TF_PARTS the parcel is still being written: see :meth:`parcel_ready`.
+        With TF_PARTS the parcel is still being written: see :meth:`PartsCopier.ready`.
         ``prefilled`` is the target's buffer that already holds the parcel's copy.
         """
         if flags & TF_PARTS:
-            self._begin_parts(thread, handle, code, flags & ~_PARTS_FLAGS, size, tail_len)
-            self._choose_layout(thread, bool(flags & TF_RING))
+            self.parts.begin_call(thread, handle, code, flags & ~_PARTS_FLAGS, size, tail_len)
+            self.parts.choose_layout(thread, bool(flags & TF_RING))
             return
         span = ParcelSpan(size, tail_offset, tail_len, head_offset)
         thread.window_call = bool(flags & TF_WINDOW) and flags & _PARTS_OR_ONEWAY == TF_ONE_WAY
@@ -213,7 +204,7 @@ class Router:
                 self.fail(thread, SecurityError("the access policy denies calls to this service"))
                 return
             if ref.node.dead:
-                self._dead_reply_to(thread)
+                self.dead_reply_to(thread)
                 return
             parent = thread.incoming[-1] if thread.incoming else None
             txn = Transaction(ref.node, code, flags, span, thread, parent)
@@ -307,7 +298,7 @@ class Router:
             if sender is None or not sender.alive:
                 del waiters[index]
                 continue
-            if self._over_share(sender.process, process, txn.size):
+            if self.over_share(sender.process, process, txn.size):
                 index += 1
                 continue
             sender.window_call = bool(txn.flags & TF_WINDOW)
@@ -361,183 +352,7 @@ class Router:
         elif op == BC_RELEASE:
             self.release(thread, command[1], command[2])
         else:
-            self.parcel_ready(thread, command[1])
-
-    # -- parcels sent in parts (TF_PARTS) --------------------------------------------
-
-    def _begin_parts(
-        self, thread: ThreadRecord, handle: int, code: int, flags: int, size: int, tail_len: int
-    ) -> None:
-        """Note a transaction whose parcel arrives in parts. If its target is known and
-        has room now, allocate the buffer, so each part is copied as it is announced
-        while the sender writes the next; otherwise the transaction runs the ordinary
-        way (and reports any failure) once the parcel is complete."""
-        if thread.parts is not None or tail_len:
-            self._drop_parts(thread)
-            self.protocol_error(thread, ProtocolError("TF_PARTS with a tail or mid-parcel"))
-            return
-        parts = thread.parts = Parts(handle, code, flags, size)
-        self._parts_started(thread, parts)
-        ref = thread.process.refs.get(handle)
-        if ref is None or ref.node.dead or not thread.holds(ParcelSpan(size)):
-            return
-        target = ref.node.owner
-        oneway = bool(flags & TF_ONE_WAY)
-        if oneway and (target.space_waiters or size > target.async_space):
-            return  # backpressure or too large: decided when complete
-        if self._over_share(thread.process, target, size):
-            return  # decided (and refused) when complete
-        parts.buffer = target.allocate(size, oneway, thread.process)
-        if parts.buffer is not None:
-            parts.target = target
-
-    def _begin_reply_parts(
-        self, thread: ThreadRecord, flags: int, size: int, tail_len: int
-    ) -> None:
-        """Note a reply whose parcel arrives in parts (as :meth:`_begin_parts` does a
-        call's): if its caller still waits and has room, allocate the buffer now."""
-        if thread.parts is not None or tail_len or not thread.incoming:
-            self._drop_parts(thread)
-            self.protocol_error(thread, ProtocolError("a reply in parts out of place"))
-            return
-        parts = thread.parts = Parts(0, 0, flags, size, is_reply=True)
-        self._parts_started(thread, parts)
-        caller = self._waiting_caller(thread)
-        if caller is None or not thread.holds(ParcelSpan(size)):
-            return
-        parts.buffer = caller.process.allocate(size, is_async=False)
-        if parts.buffer is not None:
-            parts.target = caller.process
-
-    @staticmethod
-    def _choose_layout(thread: ThreadRecord, ring_asked: bool) -> None:
-        """Answer a sender that asked to write its parcel through a ring (TF_RING): use
-        the ring only when each part is copied as it comes, this CPU orders the
-        progress report after the copy, and the progress word lies past the parcel;
-        otherwise tell the sender to write the parcel whole (WRITE_WHOLE)."""
-        parts, send = thread.parts, thread.areas[SEND_AREA]
-        if not ring_asked or parts is None or send is None:
-            return
-        parts.ring = (
-            RING_IS_ORDERED
-            and parts.buffer is not None
-            and send.size >= max(parts.size, PARTS_RING) + PROGRESS.size
-        )
-        send.report_progress(0 if parts.ring else WRITE_WHOLE)
-
-    @staticmethod
-    def _waiting_caller(thread: ThreadRecord) -> ThreadRecord | None:
-        """The thread waiting for the reply to ``thread``'s innermost transaction."""
-        txn = thread.incoming[-1] if thread.incoming else None
-        if txn is None or txn.oneway:
-            return None
-        caller = txn.from_thread
-        if caller is None or not caller.alive or caller.outgoing is not txn:
-            return None
-        return caller
-
-    def parcel_ready(self, thread: ThreadRecord, ready: int) -> None:
-        """BC_PARCEL_READY: the first ``ready`` bytes of the parcel in parts are written.
-
-        Copies the new part; when the parcel is complete, starts its transaction (or
-        sends the reply).
-        """
-        parts = thread.parts
-        send = thread.areas[SEND_AREA]
-        if parts is None or not parts.copied <= ready <= parts.size:
-            self._drop_parts(thread)
-            self.protocol_error(thread, ProtocolError("BC_PARCEL_READY out of order"))
-            return
-        target, buffer = parts.target, parts.buffer
-        if target is not None and buffer is not None and not target.dead:
-            if send is None or ready > send.size - (PROGRESS.size if parts.ring else 0):
-                self._drop_parts(thread)
-                self.protocol_error(thread, ProtocolError("a parcel part outside the send area"))
-                return
-            dest = target.region.address + buffer.offset
-            stream = streams(parts.size)
-            if parts.ring:
-                copy_from_ring(dest, send.address, parts.copied, ready, stream)
-            else:
-                source = send.address + parts.copied
-                copy_bytes(dest + parts.copied, source, ready - parts.copied, stream)
-        parts.copied = ready
-        parts.last_part = time.monotonic()
-        if parts.ring and send is not None:
-            send.report_progress(ready)
-        if ready < parts.size:
-            return
-        thread.parts = None
-        self.parts_senders.pop(thread, None)
-        if buffer is not None:
-            if self._still_prefilled(thread, parts):
-                self.parcels_in_parts += 1
-            else:
-                buffer = None
-        handle, code, flags, size = parts.handle, parts.code, parts.flags, parts.size
-        # Without its early copy, a parcel sent through a ring (which holds only its
-        # last bytes) goes the ordinary way only when its target died, its handle was
-        # released or its caller stopped waiting: each fails or is dropped there
-        # before the send area is read.
-        if parts.is_reply:
-            self.reply(thread, flags, size, prefilled=buffer)
-        else:
-            self.transaction(thread, handle, code, flags, size, prefilled=buffer)
-
-    def _still_prefilled(self, thread: ThreadRecord, parts: Parts) -> bool:
-        """Whether a complete parcel's early copy can be used: its target is alive and
-        its handle still names it (a reply's caller still waits). Frees the copy when
-        it cannot."""
-        target, buffer = parts.target, parts.buffer
-        assert target is not None and buffer is not None
-        if target.dead:
-            return False
-        if parts.is_reply:
-            caller = self._waiting_caller(thread)
-            if caller is not None and caller.process is target:
-                return True
-        else:
-            ref = thread.process.refs.get(parts.handle)
-            if ref is not None and ref.node.owner is target:
-                return True
-        target.free(buffer)
-        return False
-
-    def _parts_started(self, thread: ThreadRecord, parts: Parts) -> None:
-        parts.last_part = time.monotonic()
-        self.parts_senders[thread] = None
-
-    def expire_parts(self, before: float) -> None:
-        """Fail every parcel in parts whose last part came before ``before``
-        (monotonic seconds): its sender stopped, and the space its copy holds in the
-        target is freed. A reply's caller gets the failure too."""
-        stale = [
-            t for t in self.parts_senders if t.parts is not None and t.parts.last_part < before
-        ]
-        error = self.quotas.error("parts_timeout_s", "a parcel in parts")
-        for thread in stale:
-            is_reply = thread.parts is not None and thread.parts.is_reply
-            caller = self._waiting_caller(thread) if is_reply else None
-            self._drop_parts(thread)
-            if caller is not None:
-                txn = thread.incoming.pop()
-                caller.outgoing = None
-                self.fail(caller, error)
-                self._finish(txn)
-            self.fail(thread, error)
-
-    def _drop_parts(self, thread: ThreadRecord) -> None:
-        """Forget the parcel ``thread`` was sending in parts, and free its early copy;
-        a sender writing through a ring is told to stop waiting for the broker."""
-        parts, thread.parts = thread.parts, None
-        self.parts_senders.pop(thread, None)
-        send = thread.areas[SEND_AREA]
-        if parts is not None and parts.ring and send is not None and thread.alive:
-            send.report_progress(WRITE_WHOLE)
-        if parts is not None and parts.buffer is not None:
-            assert parts.target is not None
-            if not parts.target.dead:
-                parts.target.free(parts.buffer)
+            self.parts.ready(thread, command[1])
 
     # -- the one copy and object translation ---------------------------------------
 
@@ -546,7 +361,7 @@ class Router:
         of the target's region."""
         return self._copy(sender, txn.target, txn.span, is_async, txn.buffer, True)
 
-    def _over_share(self, sender: ProcessRecord, target: ProcessRecord, size: int) -> bool:
+    def over_share(self, sender: ProcessRecord, target: ProcessRecord, size: int) -> bool:
         """Whether ``size`` more bytes of ``sender``'s calls would pass its share of
         ``target``'s region (region_share_per_sender); one call always fits."""
         percent = self.quotas.region_share_per_sender
@@ -586,7 +401,7 @@ class Router:
         buffer = filled
         if buffer is None:
             holder = sender.process if is_call else None
-            if holder is not None and self._over_share(holder, target, size):
+            if holder is not None and self.over_share(holder, target, size):
                 if is_async:  # a oneway call waits for the sender's own calls to end
                     raise TransactionTooLargeError("the sender holds its share", size, 0)
                 raise self.quotas.error("region_share_per_sender", f"pid {holder.pid}'s calls")
@@ -603,7 +418,8 @@ class Router:
         try:
             header = parse_header(dest)
             if header.n_objects:
-                self._translate(sender.process, target, dest, read_objects(dest, header))
+                objects = read_objects(dest, header)
+                translate(sender.process, target, dest, objects, self.quotas)
             self.bytes_copied += size
             if streams(size):
                 self.parcels_streamed += 1
@@ -621,87 +437,6 @@ class Router:
         for i in range(n_buffers):
             _, length = BUFFER_ENTRY.unpack_from(dest, table + BUFFER_ENTRY.size * i)
             self.buffer_bytes_copied += length
-
-    def _translate(
-        self,
-        source: ProcessRecord,
-        target: ProcessRecord,
-        dest: memoryview,
-        objects: list[tuple[int, int]],
-    ) -> None:
-        """Rewrite the object table in ``dest`` from ``source``'s terms to ``target``'s.
-
-        Every entry is checked before any is changed, so a bad entry changes nothing.
-        """
-        for kind, value in objects:
-            check_entry(source, kind, value)
-        self._check_object_quotas(source, target, objects)
-        for index, (kind, value) in enumerate(objects):
-            node = self.node_for_entry(source, kind, value)
-            kind, value = self.entry_for_node(target, node)
-            write_object(dest, index, kind, value)
-
-    def _check_object_quotas(
-        self, source: ProcessRecord, target: ProcessRecord, objects: list[tuple[int, int]]
-    ) -> None:
-        """Raise QuotaExceededError if translating ``objects`` (checked entries of
-        ``source``) would give ``source`` more nodes than nodes_per_process, or
-        ``target`` more handles than handles_per_process; nothing is changed first."""
-        quotas = self.quotas
-        limit = quotas.nodes_per_process
-        if limit and len(source.nodes) + len(objects) > limit and quotas.applies_to(source.uid):
-            new = {v for k, v in objects if k == OBJ_NODE and v not in source.nodes}
-            if len(source.nodes) + len(new) > limit:
-                raise quotas.error("nodes_per_process", f"pid {source.pid}'s objects")
-        limit = quotas.handles_per_process
-        held = len(target.refs)
-        if (
-            limit
-            and held + len(objects) > limit
-            and quotas.applies_to(target.uid)
-            and held + self._new_refs(source, target, objects) > limit
-        ):
-            raise quotas.error("handles_per_process", f"pid {target.pid}'s handles")
-
-    @staticmethod
-    def _new_refs(
-        source: ProcessRecord, target: ProcessRecord, objects: list[tuple[int, int]]
-    ) -> int:
-        """How many handles ``target`` would gain by receiving ``objects``."""
-        fresh: set[int] = set()  # local ids of nodes sent for the first time
-        known: set[Node] = set()
-        for kind, value in objects:
-            node = source.nodes.get(value) if kind == OBJ_NODE else source.refs[value].node
-            if node is None:
-                if source is not target:
-                    fresh.add(value)
-            elif node.owner is not target and node not in target.ref_of_node:
-                known.add(node)
-        return len(fresh) + len(known)
-
-    @staticmethod
-    def node_for_entry(source: ProcessRecord, kind: int, value: int) -> Node:
-        """The node a checked object-table entry written by ``source`` names.
-
-        A node entry the owner sends for the first time creates the node; each one
-        counts as a send (returned to the owner with BR_RELEASE_NODE).
-        """
-        if kind == OBJ_NODE:
-            node = source.nodes.get(value)
-            if node is None:
-                node = source.nodes[value] = Node(source, value)
-            node.received += 1
-            return node
-        return source.refs[value].node
-
-    def entry_for_node(self, target: ProcessRecord, node: Node) -> tuple[int, int]:
-        """The object-table entry that names ``node`` in ``target``; counts a delivery."""
-        if node.owner is target:
-            return OBJ_NODE, node.local_id
-        ref = target.ref_for(node)
-        ref.count += 1
-        ref.call_denied = False
-        return OBJ_HANDLE, ref.handle
 
     # -- handing work to threads ------------------------------------------------------
 
@@ -796,12 +531,12 @@ class Router:
     ) -> None:
         """Finish the transaction ``thread`` handles; copy the reply to its caller.
 
-        With TF_PARTS the reply is still being written: see :meth:`parcel_ready`.
+        With TF_PARTS the reply is still being written: see :meth:`PartsCopier.ready`.
         ``prefilled`` is the caller's buffer that already holds the reply's copy.
         """
         if flags & TF_PARTS:
-            self._begin_reply_parts(thread, flags & ~_PARTS_FLAGS, size, tail_len)
-            self._choose_layout(thread, bool(flags & TF_RING))
+            self.parts.begin_reply(thread, flags & ~_PARTS_FLAGS, size, tail_len)
+            self.parts.choose_layout(thread, bool(flags & TF_RING))
             return
         if not thread.incoming:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
@@ -813,7 +548,7 @@ class Router:
             self._send_reply(thread, caller, size, tail_offset, tail_len, prefilled)
         elif prefilled is not None and caller is not None and not caller.process.dead:
             caller.process.free(prefilled)  # nobody waits for it any more
-        self._finish(txn)  # after the reply is on its way: the caller need not wait for it
+        self.finish(txn)  # after the reply is on its way: the caller need not wait for it
         if thread.idle:
             thread.process.became_idle(thread)
             self.dispatch(thread.process)
@@ -860,7 +595,7 @@ class Router:
         buffer.thread = thread
         self.send(thread, protocol.encode(BR_REPLY, buffer.offset, encoded.size))
 
-    def _finish(self, txn: Transaction) -> None:
+    def finish(self, txn: Transaction) -> None:
         """Bookkeeping when a delivered transaction ends (answered or abandoned)."""
         node = txn.node
         node.active -= 1
@@ -942,96 +677,6 @@ class Router:
 
     def exit_looper(self, thread: ThreadRecord) -> None:
         thread.is_looper = False
-
-    # -- deaths ----------------------------------------------------------------------
-
-    def thread_exited(self, thread: ThreadRecord) -> None:
-        """A thread's connection closed: abandon what it was doing, free what it held."""
-        if not thread.alive:
-            return
-        thread.alive = False
-        self._drop_parts(thread)
-        process = thread.process
-        if thread in process.threads:
-            process.threads.remove(thread)
-        while thread.incoming:
-            self._abandon(thread.incoming.pop())
-        if thread.outgoing is not None:
-            thread.outgoing.from_thread = None
-            thread.outgoing = None
-        thread.backlog.clear()
-        if thread.waiting_oneway is not None:
-            waiting = thread.waiting_oneway
-            thread.waiting_oneway = None
-            target = waiting.target
-            if waiting in target.space_waiters:
-                target.space_waiters.remove(waiting)
-        for buffer in [b for b in process.buffers.values() if b.thread is thread]:
-            process.free(buffer)
-        thread.drop_areas()
-        if self.service_manager is not None:
-            self.service_manager.forget_thread(thread)
-        if not process.dead:
-            self.retry_space_waiters(process)
-
-    def _abandon(self, txn: Transaction) -> None:
-        """A delivered transaction will never be answered: tell its caller."""
-        self._finish(txn)
-        self._dead_reply(txn)
-
-    def _dead_reply(self, txn: Transaction) -> None:
-        caller = txn.from_thread
-        if caller is not None and caller.outgoing is txn:
-            caller.outgoing = None
-            self.send(caller, protocol.encode(BR_DEAD_REPLY))
-
-    def process_died(self, process: ProcessRecord) -> None:
-        """A process's connection closed: callers waiting on it get BR_DEAD_REPLY,
-        and everything it held is released."""
-        if process.dead:
-            return
-        process.dead = True
-        self.processes.pop(process.key, None)
-        same_uid = self.processes_of_uid.get(process.uid)
-        if same_uid is not None:
-            same_uid.pop(process, None)
-            if not same_uid:
-                del self.processes_of_uid[process.uid]
-        for thread in list(process.threads):
-            self.thread_exited(thread)
-        while process.todo:
-            self._dead_reply(process.todo.popleft())
-        for node in process.nodes.values():
-            while node.async_todo:
-                node.async_todo.popleft()
-        while process.space_waiters:
-            txn = process.space_waiters.popleft()
-            sender = txn.from_thread
-            if sender is not None and sender.waiting_oneway is txn:
-                sender.waiting_oneway = None
-                sender.window_call = bool(txn.flags & TF_WINDOW)
-                self._dead_reply_to(sender)
-                sender.window_call = False
-                if sender.backlog:
-                    self.run_backlog(sender)
-        if self.service_manager is not None:
-            self.service_manager.forget_process(process)
-        for ref in list(process.refs.values()):
-            self.drop_ref(ref)
-        process.buffers.clear()
-        process.region.close()
-
-
-def check_entry(source: ProcessRecord, kind: int, value: int) -> None:
-    """Check an object-table entry written by ``source``.
-
-    Raises:
-        ProtocolError: an unknown kind, or a handle ``source`` does not hold.
-    """
-    if kind == OBJ_HANDLE and value not in source.refs:
-        raise ProtocolError(f"parcel names handle {value}, which its sender does not hold")
-    if kind not in (OBJ_NODE, OBJ_HANDLE):
-        raise ProtocolError(f"parcel object of unknown kind {kind}")
 
 
 def _too_large(target: ProcessRecord, size: int, is_async: bool) -> TransactionTooLargeError:
