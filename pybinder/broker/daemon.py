@@ -21,19 +21,24 @@ import secrets
 import select
 import signal
 import socket
-import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from pybinder import protocol
+from pybinder.broker.connection import (
+    BROKEN,
+    QUEUED,
+    SENT,
+    Connection,
+    error_message,
+)
 from pybinder.broker.death import process_died, thread_exited
 from pybinder.broker.one_copy import STREAM_MIN
 from pybinder.broker.policy import Policy, PolicyError
 from pybinder.broker.process import ProcessRecord, ThreadRecord
-from pybinder.broker.quotas import LogBudget, Quotas, error_fields
+from pybinder.broker.quotas import LogBudget, Quotas
 from pybinder.broker.router import Router
 from pybinder.broker.service_manager import ServiceManager
 from pybinder.compiled import running_compiled
@@ -79,10 +84,6 @@ DEFAULT_MAX_REGION_SIZE: Final = 256 * 1024 * 1024
 #: wake-up took longer, as they do on a busy VM, and every hop then paid a wake-up.
 DEFAULT_SPIN_US: Final = 200.0
 
-_PEERCRED: Final = struct.Struct("3i")
-_MAX_FDS: Final = 4
-_ANCILLARY: Final = socket.CMSG_SPACE(_MAX_FDS * 4)
-_TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _READABLE: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _HOT_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUFFER))
 
@@ -93,47 +94,6 @@ _HELD_COMMANDS: Final = frozenset(
 )
 _STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
 _RELOAD_SIGNAL: Final = int(signal.SIGHUP)
-
-
-class Connection:
-    """One accepted socket: a process connection, a thread connection, or not yet
-    introduced. Outgoing messages queue when the peer's receive buffer is full."""
-
-    __slots__ = (
-        "fd",
-        "gid",
-        "hello_timer",
-        "offences",
-        "offences_since",
-        "outbox",
-        "outbox_bytes",
-        "pid",
-        "process",
-        "sock",
-        "thread",
-        "uid",
-    )
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pid, self.uid, self.gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-        self.process: ProcessRecord | None = None
-        self.thread: ThreadRecord | None = None
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()
-        self.outbox_bytes = 0
-        self.hello_timer: _Timer | None = None
-        self.offences = 0
-        self.offences_since = 0.0
-
-    @property
-    def owner(self) -> ProcessRecord | None:
-        """The process this connection belongs to, once it said hello."""
-        if self.process is not None:
-            return self.process
-        return self.thread.process if self.thread is not None else None
 
 
 class _Timer:
@@ -527,10 +487,12 @@ class Broker:
             log.warning("uid %d (pid %d) refused: connections_per_uid reached", conn.uid, conn.pid)
             error = self.quotas.error("connections_per_uid")
             with contextlib.suppress(OSError):
-                sock.send(_error_message(error))
+                sock.send(error_message(error))
             sock.close()
             return
         self._conns_of_uid[conn.uid] = count
+        if self.quotas.applies_to(conn.uid):
+            conn.outbox_limit = self.quotas.outbox_bytes
         self._conns[conn.fd] = conn
         self._epoll.register(conn.fd, select.EPOLLIN)
         conn.hello_timer = self.call_later(
@@ -564,18 +526,14 @@ class Broker:
         self.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _read(self, conn: Connection) -> None:
-        try:
-            data, ancillary, flags, _ = conn.sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
-        except (BlockingIOError, InterruptedError):
+        received = conn.receive()
+        if received is None:
             return
-        except OSError:
-            self._closing.append(conn)
-            return
-        fds = _received_fds(ancillary) if ancillary else []
+        data, fds, truncated = received
         try:
             if not data:
                 self._closing.append(conn)
-            elif flags & _TRUNCATED:
+            elif truncated:
                 error = ProtocolError(f"message longer than {MAX_MESSAGE} bytes, or too many fds")
                 self._reject(conn, error)
             else:
@@ -626,7 +584,7 @@ class Broker:
             log.warning("pid %d (uid %d) keeps offending; disconnected", conn.pid, conn.uid)
             self._disconnect(conn)
             return
-        self._send(conn, _error_message(error))
+        self._send(conn, error_message(error))
 
     # -- hello and send areas -----------------------------------------------------------------
 
@@ -727,55 +685,30 @@ class Broker:
     # -- sending --------------------------------------------------------------------------
 
     def _send(self, conn: Connection, message: bytes, fds: list[int] | None = None) -> None:
-        if conn.outbox:
-            self._queue(conn, message, fds)
+        outcome = conn.send(message, fds)
+        if outcome == SENT:
             return
-        try:
-            if fds:
-                socket.send_fds(conn.sock, [message], fds)
-            else:
-                conn.sock.send(message)
-        except BlockingIOError:
-            self._queue(conn, message, fds)
-            with contextlib.suppress(OSError):
-                self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
-        except OSError:
+        if outcome == QUEUED:
+            if len(conn.outbox) == 1:  # the first to wait: watch for room
+                with contextlib.suppress(OSError):
+                    self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
+        elif outcome == BROKEN:
             self._closing.append(conn)
-
-    def _queue(self, conn: Connection, message: bytes, fds: list[int] | None) -> None:
-        """Keep a message for a peer whose socket is full; a peer that lets more than
-        ``outbox_bytes`` pile up does not read, and its process is disconnected."""
-        conn.outbox_bytes += len(message)
-        if self.quotas.over("outbox_bytes", conn.uid, conn.outbox_bytes):
-            if conn.fd in self._conns and conn not in self._closing:
-                log.warning(
-                    "pid %d (uid %d) does not read its socket (outbox_bytes reached); disconnected",
-                    conn.pid,
-                    conn.uid,
-                )
-                self._disconnect(conn)
-            return
-        conn.outbox.append((message, [os.dup(fd) for fd in fds or []]))
+        elif conn.fd in self._conns and conn not in self._closing:  # OVERFULL
+            log.warning(
+                "pid %d (uid %d) does not read its socket (outbox_bytes reached); disconnected",
+                conn.pid,
+                conn.uid,
+            )
+            self._disconnect(conn)
 
     def _flush(self, conn: Connection) -> None:
-        while conn.outbox:
-            message, fds = conn.outbox[0]
-            try:
-                if fds:
-                    socket.send_fds(conn.sock, [message], fds)
-                else:
-                    conn.sock.send(message)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._closing.append(conn)
-                return
-            conn.outbox.popleft()
-            conn.outbox_bytes -= len(message)
-            for fd in fds:
-                os.close(fd)
-        with contextlib.suppress(OSError):
-            self._epoll.modify(conn.fd, select.EPOLLIN)
+        outcome = conn.flush()
+        if outcome == BROKEN:
+            self._closing.append(conn)
+        elif outcome == SENT:
+            with contextlib.suppress(OSError):
+                self._epoll.modify(conn.fd, select.EPOLLIN)
 
     # -- closing --------------------------------------------------------------------------
 
@@ -788,12 +721,7 @@ class Broker:
             return
         with contextlib.suppress(OSError):
             self._epoll.unregister(conn.fd)
-        conn.sock.close()
-        for _, fds in conn.outbox:
-            for fd in fds:
-                os.close(fd)
-        conn.outbox.clear()
-        conn.outbox_bytes = 0
+        conn.close()
         self._said_hello(conn)
         left = self._conns_of_uid.get(conn.uid, 1) - 1
         if left > 0:
@@ -812,21 +740,6 @@ class Broker:
             process_died(self.router, process)
         elif conn.thread is not None:
             thread_exited(self.router, conn.thread)
-
-
-def _error_message(error: BinderError) -> bytes:
-    """BR_ERROR for ``error`` (see quotas.error_fields)."""
-    size, limit = getattr(error, "size", 0), getattr(error, "limit", 0)
-    return protocol.encode(protocol.BR_ERROR, *error_fields(error, size, limit))
-
-
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
-    return fds
 
 
 def _is_live(path: Path) -> bool:

@@ -9,15 +9,11 @@ released. The cost is O(what it held), not O(every process).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pybinder import protocol
+from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.records import Transaction
+from pybinder.broker.router import Router
 from pybinder.protocol import BR_DEAD_REPLY, TF_WINDOW
-
-if TYPE_CHECKING:
-    from pybinder.broker.process import ProcessRecord, ThreadRecord
-    from pybinder.broker.records import Transaction
-    from pybinder.broker.router import Router
 
 
 def thread_exited(router: Router, thread: ThreadRecord) -> None:

@@ -29,16 +29,14 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from pybinder.broker.process import ThreadRecord
 from pybinder.broker.records import ParcelSpan
 from pybinder.compiled import pure_requested
 from pybinder.errors import ProtocolError
 from pybinder.protocol import PARTS_RING
-
-if TYPE_CHECKING:
-    from pybinder.broker.process import ThreadRecord
-    from pybinder.region import BrokerRegion
+from pybinder.region import BrokerRegion
 
 #: Parcels smaller than this many bytes (without a loaned tail) are copied by slice
 #: assignment, which costs a third of a ``ctypes.memmove`` call.

@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 from pybinder.broker.one_copy import copy_bytes, copy_from_ring, streams
-from pybinder.broker.records import Buffer, ParcelSpan
+from pybinder.broker.process import Buffer, ProcessRecord, ThreadRecord
+from pybinder.broker.records import ParcelSpan
 from pybinder.errors import ProtocolError
 from pybinder.protocol import (
     PARTS_RING,
@@ -23,7 +24,6 @@ from pybinder.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pybinder.broker.process import ProcessRecord, ThreadRecord
     from pybinder.broker.router import Router
 
 

@@ -1,21 +1,92 @@
 """What the broker knows about each connected process (binder_proc, binder_thread,
-binder_node, binder_ref, binder_buffer)."""
+binder_node, binder_ref, binder_buffer).
+
+Node, Ref and Buffer live here, beside the process and thread records they point
+to: mypyc builds a compiled dataclass with the classes of its fields at hand, so
+they cannot refer to classes of a module imported only for type checking.
+"""
 
 from __future__ import annotations
 
 import mmap
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pybinder.broker.allocator import BufferAllocator
-from pybinder.broker.node import Node, Ref
-from pybinder.broker.records import Buffer
 from pybinder.protocol import END_WORDS, FAILED_WORD, PROGRESS_WORD, SEND_AREA, SETTLED_WORD
 from pybinder.region import BrokerRegion, buffer_address
 
 if TYPE_CHECKING:
     from pybinder.broker.parts import Parts
     from pybinder.broker.records import ParcelSpan, Transaction
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """A local object (Stub) in its owner that others can reach (binder_node).
+
+    Attributes:
+        owner: the process that owns the object.
+        local_id: the owner's id for it, as the owner wrote it in a parcel.
+        holders: references held: one per process that has a handle, one per
+            service-manager entry.
+        received: how many times the owner has sent this node; returned to the owner
+            with BR_RELEASE_NODE so it can tell stale releases from new sends.
+        active: transactions to this node that have not finished.
+        async_todo: oneway transactions waiting for the one in flight to finish.
+        async_busy: how many transactions of this node's oneway lane are delivered and
+            not yet done (a batch of oneway calls goes to one looper at once).
+        oneway_senders: per sending thread, its oneway calls to this node not yet done.
+    """
+
+    owner: ProcessRecord
+    local_id: int
+    holders: int = 0
+    received: int = 0
+    active: int = 0
+    async_todo: deque[Transaction] = field(default_factory=deque)
+    async_busy: int = 0
+    oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
+
+    @property
+    def dead(self) -> bool:
+        return self.owner.dead
+
+
+@dataclass(eq=False, slots=True)
+class Ref:
+    """One process's handle to a node (binder_ref); ``count`` is the deliveries not released.
+
+    ``call_denied``: the process got it by a name lookup the access policy lets it
+    make but whose calls it denies; a delivery of the node in a parcel (a
+    capability, as in Binder) clears it.
+    """
+
+    process: ProcessRecord
+    handle: int
+    node: Node
+    count: int = 0
+    call_denied: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Buffer:
+    """A live allocation in a receive region (binder_buffer).
+
+    Attributes:
+        offset, size: where it is and how many bytes the parcel takes.
+        is_async: it holds a oneway transaction (counts against the async space).
+        thread: the thread it was delivered to, which must free it; None while queued.
+        sender: the process whose call it holds, counted against its share of the
+            region (None for replies and the broker's own parcels).
+    """
+
+    offset: int
+    size: int
+    is_async: bool
+    thread: ThreadRecord | None = None
+    sender: ProcessRecord | None = None
 
 
 class SharedArea:

@@ -1,19 +1,13 @@
 """The value objects a transaction is made of: where its parcel lies (ParcelSpan),
-the transaction itself (binder_transaction) and the buffer its copy occupies
-(binder_buffer). Slotted, so the router passes one object, not loose integers.
+and the transaction itself (binder_transaction). Slotted, so the router passes one
+object, not loose integers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
+from pybinder.broker.process import Buffer, Node, ProcessRecord, SharedArea, ThreadRecord
 from pybinder.parcel import HEADER
 from pybinder.protocol import TF_ONE_WAY
-
-if TYPE_CHECKING:
-    from pybinder.broker.node import Node
-    from pybinder.broker.process import ProcessRecord, SharedArea, ThreadRecord
 
 
 class ParcelSpan:
@@ -54,25 +48,6 @@ class ParcelSpan:
             f"ParcelSpan(size={self.size}, head_offset={self.head_offset},"
             f" tail_offset={self.tail_offset}, tail_len={self.tail_len})"
         )
-
-
-@dataclass(eq=False, slots=True)
-class Buffer:
-    """A live allocation in a receive region (binder_buffer).
-
-    Attributes:
-        offset, size: where it is and how many bytes the parcel takes.
-        is_async: it holds a oneway transaction (counts against the async space).
-        thread: the thread it was delivered to, which must free it; None while queued.
-        sender: the process whose call it holds, counted against its share of the
-            region (None for replies and the broker's own parcels).
-    """
-
-    offset: int
-    size: int
-    is_async: bool
-    thread: ThreadRecord | None = None
-    sender: ProcessRecord | None = None
 
 
 class Transaction:

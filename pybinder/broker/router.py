@@ -21,12 +21,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pybinder import protocol
-from pybinder.broker.node import Node, Ref
 from pybinder.broker.one_copy import copy_parcel, streams
 from pybinder.broker.parts import PartsCopier
-from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.process import Buffer, Node, ProcessRecord, Ref, ThreadRecord
 from pybinder.broker.quotas import Quotas, error_fields
-from pybinder.broker.records import Buffer, ParcelSpan, Transaction
+from pybinder.broker.records import ParcelSpan, Transaction
 from pybinder.broker.translate import translate
 from pybinder.errors import (
     CODE_OF_ERROR,

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pybinder import parcel, protocol
-from pybinder.broker.node import Node
 from pybinder.broker.policy import Caller, Policy
-from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.process import Node, ProcessRecord, ThreadRecord
 from pybinder.broker.router import Router
 from pybinder.broker.translate import check_entry, entry_for_node, node_for_entry
 from pybinder.errors import (

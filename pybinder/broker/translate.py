@@ -10,8 +10,7 @@ on nodes and handles applied, before anything changes.
 
 from __future__ import annotations
 
-from pybinder.broker.node import Node
-from pybinder.broker.process import ProcessRecord
+from pybinder.broker.process import Node, ProcessRecord
 from pybinder.broker.quotas import Quotas
 from pybinder.errors import ProtocolError
 from pybinder.parcel import OBJ_HANDLE, OBJ_NODE, write_object
