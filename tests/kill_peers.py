@@ -27,7 +27,6 @@ longer than it may is a hang: the watchdog prints the summary with it and exits 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -42,7 +41,7 @@ from peers import ITest, pattern
 import pybinder
 
 MiB = 1 << 20
-CALL_LIMIT_S = 10.0  # the longest any call may take before it counts as a hang
+CALL_LIMIT_S = 5.0  # the longest any call may take before it counts as a hang
 SERVICE_WAIT_S = 15.0  # how long "wait" mode waits for the server's service
 LATE_WAIT_S = (0.05, 0.4)  # timeouts of the waits for a service nobody registers
 PROBE_WAIT_S = 0.3  # the get_service after the server's death
@@ -72,8 +71,8 @@ class Load:
         self.unexpected: list[str] = []
         self.probe: str | None = None
         self.reason = ""
-        self.done = threading.Event()
-        self.printed = False
+        self.done = threading.Event()  # the load should stop
+        self.exiting = threading.Event()  # the calls are over: the watchdog may go
         # thread name -> (what, started, limit) of the call in progress
         self.in_call: dict[str, tuple[str, float, float]] = {}
 
@@ -102,27 +101,26 @@ class Load:
         limit: float = CALL_LIMIT_S,
         expect: type[BaseException] | None = None,
     ) -> Any:
-        """``function(*args)``, watched by the watchdog. An ``expect`` exception is
-        re-raised uncounted, other BinderErrors are counted and re-raised, anything
-        else is recorded as unexpected and re-raised."""
+        """``function(*args)``, watched by the watchdog. A BinderError other than
+        ``expect`` is counted; every exception is re-raised (one that is no
+        BinderError is recorded as unexpected where it is caught: see :meth:`oops`)."""
         name = threading.current_thread().name
         self.in_call[name] = (what, time.monotonic(), limit)
         try:
             return function(*args)
-        except BaseException as exc:
-            if expect is not None and isinstance(exc, expect):
-                raise
-            self.count(what, exc)
+        except pybinder.BinderError as exc:
+            if expect is None or not isinstance(exc, expect):
+                with self.lock:
+                    self.errors[type(exc).__name__] += 1
             raise
         finally:
             self.in_call.pop(name, None)
 
-    def count(self, what: str, exc: BaseException) -> None:
+    def oops(self, where: str, exc: BaseException) -> None:
+        """Record an exception that is not a BinderError, and stop the load."""
         with self.lock:
-            if isinstance(exc, pybinder.BinderError):
-                self.errors[type(exc).__name__] += 1
-            else:
-                self.unexpected.append(f"unexpected {type(exc).__name__} in {what}: {exc}")
+            self.unexpected.append(f"unexpected {type(exc).__name__} in {where}: {exc!r}")
+        self.finish("unexpected")
 
     def check(self, what: str, got: Any, want: Any) -> None:
         with self.lock:
@@ -135,7 +133,6 @@ class Load:
 
     def summary(self) -> str:
         with self.lock:
-            self.printed = True
             return "summary " + json.dumps(
                 {
                     "ok": self.ok,
@@ -149,7 +146,7 @@ class Load:
             )
 
     def watchdog(self) -> None:
-        while not self.done.wait(0.2):
+        while not self.exiting.wait(0.2):
             now = time.monotonic()
             for name, (what, started, limit) in list(self.in_call.items()):
                 if now - started > limit:
@@ -215,8 +212,8 @@ class Load:
             self.finish("server")
         except pybinder.BinderError:
             self.finish("binder error")
-        except BaseException:
-            self.finish("unexpected")
+        except BaseException as exc:
+            self.oops(threading.current_thread().name, exc)
 
     def late_waiter(self, proc: pybinder.ProcessState, rng: random.Random) -> None:
         name = f"late-{os.getpid()}"
@@ -244,8 +241,8 @@ class Load:
             self.finish("broker")
         except pybinder.BinderError:
             self.finish("binder error")
-        except BaseException:
-            self.finish("unexpected")
+        except BaseException as exc:
+            self.oops("late waiter", exc)
 
     def probe_after_server_death(self, proc: pybinder.ProcessState) -> None:
         try:
@@ -260,8 +257,9 @@ class Load:
             )
         except pybinder.BinderError as exc:
             self.probe = type(exc).__name__
-        except BaseException:
+        except BaseException as exc:
             self.probe = "unexpected"
+            self.oops("probe", exc)
         else:
             self.probe = "found"
 
@@ -272,15 +270,23 @@ class Load:
         except pybinder.BrokerUnavailableError:
             self.finish("broker")
             return
-        except BaseException:
+        except pybinder.BinderError:
             self.finish("connect")
+            return
+        except BaseException as exc:
+            self.oops("connect", exc)
             return
         try:
             self.serve_and_load(proc)
         finally:
-            with contextlib.suppress(BaseException):
+            try:
                 self.call("close", proc.close)
+            except pybinder.BinderError:
+                pass  # counted
+            except BaseException as exc:
+                self.oops("close", exc)
             self.done.set()
+            self.exiting.set()
 
     def serve_and_load(self, proc: pybinder.ProcessState) -> None:
         rng = random.Random(self.seed)
@@ -294,8 +300,11 @@ class Load:
         except pybinder.BrokerUnavailableError:
             self.finish("broker")
             return
-        except BaseException:
+        except pybinder.BinderError:
             self.finish("get_service")
+            return
+        except BaseException as exc:
+            self.oops("get_service", exc)
             return
         print(f"ready {os.getpid()}", flush=True)
         threads = [

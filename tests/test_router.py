@@ -20,7 +20,7 @@ import pytest
 
 from pybinder import parcel, protocol
 from pybinder.broker.daemon import Broker
-from pybinder.broker.death import thread_exited
+from pybinder.broker.death import process_died, thread_exited
 from pybinder.broker.process import ProcessRecord, ThreadRecord
 from pybinder.broker.quotas import LogBudget, Quotas, add_arguments, from_arguments
 from pybinder.broker.router import Router
@@ -29,6 +29,7 @@ from pybinder.broker.translate import node_for_entry
 from pybinder.errors import CODE_OF_ERROR, QUOTA_NAMES, ProtocolError, QuotaExceededError
 from pybinder.parcel import OBJ_NODE, ObjectRef
 from pybinder.protocol import (
+    BR_DEAD_REPLY,
     BR_FAILED_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
@@ -314,3 +315,17 @@ def test_names_a_killed_broker_left_are_swept_and_live_ones_kept():
         for name in (dead, live):
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_shared_memory(name)
+
+
+def test_a_call_queued_behind_oneway_calls_gets_a_dead_reply_when_its_target_dies(world):
+    a, b = world.process(), world.process()
+    world.looper(b)
+    handle = node_of(world, b, a)
+    thread = world.thread(a)
+    size = write_call(thread, ["d", [1], {}])
+    world.router.transaction(thread, handle, 1, TF_ONE_WAY, size)  # runs in b's oneway lane
+    world.router.transaction(thread, handle, 2, 0, size)  # two-way: queued behind it
+    assert thread.outgoing is not None and not thread.outgoing.to_thread
+    process_died(world.router, b)
+    assert last(thread)[0] == BR_DEAD_REPLY
+    assert thread.outgoing is None

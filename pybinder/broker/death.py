@@ -76,8 +76,8 @@ def process_died(router: Router, process: ProcessRecord) -> None:
     while process.todo:
         _dead_reply(router, process.todo.popleft())
     for node in process.nodes.values():
-        while node.async_todo:
-            node.async_todo.popleft()
+        while node.async_todo:  # a two-way call queued behind oneway ones waits here too
+            _dead_reply(router, node.async_todo.popleft())
     while process.space_waiters:
         txn = process.space_waiters.popleft()
         sender = txn.from_thread
