@@ -140,17 +140,21 @@ def _expect_ready(ctl: Connection, proc: Any, what: str, timeout: float) -> None
         raise BenchError(f"{what} failed: {msg[1]}")
 
 
-def _stop_child(proc: Any, ctl: Connection, goodbye: str) -> None:
-    """Ask politely, then SIGTERM, then SIGKILL; always join."""
-    with contextlib.suppress(OSError):
-        ctl.send(goodbye)
-    proc.join(JOIN_TIMEOUT_S)
+def stop_child(
+    proc: Any, ctl: Connection, goodbye: str | None, timeout: float = JOIN_TIMEOUT_S
+) -> None:
+    """Ask politely (send ``goodbye``, if any), then SIGTERM, then SIGKILL, waiting up
+    to ``timeout`` seconds for each; always join and close ``ctl``."""
+    if goodbye is not None:
+        with contextlib.suppress(OSError, ValueError):
+            ctl.send(goodbye)
+    proc.join(timeout)
     if proc.is_alive():
         proc.terminate()
-        proc.join(JOIN_TIMEOUT_S)
+        proc.join(timeout)
     if proc.is_alive():
         proc.kill()
-        proc.join(JOIN_TIMEOUT_S)
+        proc.join(timeout)
     close_quietly(ctl)
 
 
@@ -175,7 +179,7 @@ class ServerHandle:
 
     def stop(self) -> None:
         """Stop and reap the server."""
-        _stop_child(self.proc, self._ctl, "stop")
+        stop_child(self.proc, self._ctl, "stop")
 
 
 def aggregate(clients: int, size: int, reports: list[tuple[int, float, float]]) -> dict[str, Any]:
@@ -238,4 +242,4 @@ class ClientPool:
     def close(self) -> None:
         """Stop and reap every client process."""
         for proc, ctl in self._children:
-            _stop_child(proc, ctl, "quit")
+            stop_child(proc, ctl, "quit")

@@ -61,7 +61,12 @@ from typing import Any
 
 import psutil
 
+if __package__ in (None, ""):  # run as a script: make "benchmarks" importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import pybinder
+from benchmarks.procs import stop_child
+from benchmarks.pybinder_transport import stop_process
 from pybinder.cli import parse_size
 
 MiB = 1 << 20  # bytes
@@ -274,33 +279,6 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def stop_popen(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM ``proc``, SIGKILL it after STOP_TIMEOUT_S seconds; always reap it."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
-
-
-def stop_child(proc: Any, ctl: Connection, goodbye: str | None) -> None:
-    """Send ``goodbye`` (if any), wait; then SIGTERM, then SIGKILL; always join."""
-    if goodbye is not None:
-        with contextlib.suppress(OSError, ValueError):
-            ctl.send(goodbye)
-    proc.join(STOP_TIMEOUT_S)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(STOP_TIMEOUT_S)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(STOP_TIMEOUT_S)
-    with contextlib.suppress(OSError):
-        ctl.close()
-
-
 def start_broker(socket_path: str, log: Path, max_region: int) -> subprocess.Popen[bytes]:
     """Start ``python -m pybinder broker`` logging to ``log``; wait for "listening".
 
@@ -326,7 +304,7 @@ def start_broker(socket_path: str, log: Path, max_region: int) -> subprocess.Pop
                 raise SoakError(f"broker not listening within {BROKER_READY_S:.0f} s")
             time.sleep(0.02)
     except BaseException:
-        stop_popen(proc)
+        stop_process(proc, STOP_TIMEOUT_S)
         raise
     return proc
 
@@ -598,7 +576,7 @@ def soak(args: argparse.Namespace) -> int:
                 expect_ready(ctl, f"client {i}")
             drive(args, broker, clients, run)
             for proc, ctl in clients:
-                stop_child(proc, ctl, "quit")
+                stop_child(proc, ctl, "quit", STOP_TIMEOUT_S)
                 if proc.exitcode != 0:
                     run.failures.append(f"{proc.name} exited with {proc.exitcode}")
             time.sleep(SETTLE_S)
@@ -616,12 +594,12 @@ def soak(args: argparse.Namespace) -> int:
             run.failures.append("interrupted")
         finally:
             for proc, ctl in clients:
-                stop_child(proc, ctl, "quit")
+                stop_child(proc, ctl, "quit", STOP_TIMEOUT_S)
             if server is not None:
-                stop_child(server[0], server[1], "stop")
+                stop_child(server[0], server[1], "stop", STOP_TIMEOUT_S)
             if broker is not None:
                 died = broker.poll()
-                stop_popen(broker)
+                stop_process(broker, STOP_TIMEOUT_S)
                 if died is not None and not any("broker" in f for f in run.failures):
                     run.failures.append(f"broker died (exit status {died})")
                 if died is not None:

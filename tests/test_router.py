@@ -329,3 +329,24 @@ def test_a_call_queued_behind_oneway_calls_gets_a_dead_reply_when_its_target_die
     process_died(world.router, b)
     assert last(thread)[0] == BR_DEAD_REPLY
     assert thread.outgoing is None
+
+
+def test_loopers_taking_turns_keep_the_idle_stack_bounded(world):
+    a, b = world.process(), world.process()
+    loopers = [world.looper(b) for _ in range(3)]
+    handle = node_of(world, b, a)
+    callers = [world.thread(a), world.thread(a)]
+    for caller in callers:
+        size = write_call(caller, ["d", [1], {}])
+    for _ in range(500):  # two calls at a time, answered in the order they were taken
+        taken = []
+        for caller in callers:
+            world.router.transaction(caller, handle, 1, 0, size)
+            taken.append(next(t for t in loopers if t.incoming and t not in taken))
+        for looper in taken:
+            world.router.free_buffer(looper, looper.conn.received[-1][4])
+            write_call(looper, [0, None])
+            world.router.reply(looper, 0, size)
+        for caller in callers:
+            world.router.free_buffer(caller, caller.conn.received[-1][1])
+    assert len(b.idle_stack) <= 2 * len(b.threads) + 8

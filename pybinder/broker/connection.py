@@ -98,10 +98,7 @@ class Connection:
         behind the ones waiting; returns SENT, QUEUED, BROKEN or OVERFULL."""
         if not self.outbox:
             try:
-                if fds:
-                    socket.send_fds(self.sock, [message], fds)
-                else:
-                    self.sock.send(message)
+                self._transmit(message, fds)
             except BlockingIOError:
                 pass
             except OSError:
@@ -121,10 +118,7 @@ class Connection:
         while outbox:
             message, fds = outbox[0]
             try:
-                if fds:
-                    socket.send_fds(self.sock, [message], fds)
-                else:
-                    self.sock.send(message)
+                self._transmit(message, fds)
             except BlockingIOError:
                 return QUEUED
             except OSError:
@@ -134,6 +128,12 @@ class Connection:
             for fd in fds:
                 os.close(fd)
         return SENT
+
+    def _transmit(self, message: bytes, fds: list[int] | None) -> None:
+        if fds:
+            socket.send_fds(self.sock, [message], fds)
+        else:
+            self.sock.send(message)
 
     def close(self) -> None:
         """Close the socket and every descriptor still queued."""

@@ -278,9 +278,27 @@ class ProcessRecord:
         return None
 
     def became_idle(self, thread: ThreadRecord) -> None:
-        """Note that ``thread`` (a looper with nothing to do) can take work."""
-        if not self.idle_stack or self.idle_stack[-1] is not thread:
-            self.idle_stack.append(thread)
+        """Note that ``thread`` (a looper with nothing to do) can take work.
+
+        Loopers that take turns leave stale entries below the top (only the top is
+        dropped when taken); once the stack is twice the threads, it keeps only each
+        idle thread's latest entry, so it stays bounded over any number of calls.
+        """
+        stack = self.idle_stack
+        if not stack or stack[-1] is not thread:
+            stack.append(thread)
+            if len(stack) > 2 * len(self.threads) + 8:
+                self._compact_idle_stack()
+
+    def _compact_idle_stack(self) -> None:
+        seen: set[ThreadRecord] = set()
+        kept: list[ThreadRecord] = []
+        for thread in reversed(self.idle_stack):
+            if thread.idle and thread not in seen:
+                seen.add(thread)
+                kept.append(thread)
+        kept.reverse()
+        self.idle_stack = kept
 
     def ref_for(self, node: Node) -> Ref:
         """This process's ref to ``node``, created (with a new handle) if it has none."""
