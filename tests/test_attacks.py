@@ -528,6 +528,7 @@ def test_a_reserved_name_and_find_without_call(socket_dir):
                 result["call"] = "allowed"
             except pybinder.SecurityError as exc:
                 result["call"] = "SecurityError"
+                result["why"] = str(exc)
             try:
                 proc.add_service("robot.arm", Squatter())
                 result["squat"] = "allowed"
@@ -536,6 +537,7 @@ def test_a_reserved_name_and_find_without_call(socket_dir):
         """
         outcome = run_hostile(body, cluster.socket)
         assert outcome["call"] == "SecurityError"
+        assert "access policy denies calls" in outcome["why"]
         assert outcome["squat"].startswith("uid 65534 may not add service 'robot.arm'")
         # SIGHUP reloads the file: now nobody may call it too.
         policy.write_text('[[service]]\nname = "test"\nfind = ["*"]\ncall = ["*"]\n')

@@ -28,6 +28,7 @@ from pybinder.errors import (
     DeadObjectError,
     ProtocolError,
     QuotaExceededError,
+    SecurityError,
     TransactionTooLargeError,
     quota_error,
 )
@@ -888,6 +889,8 @@ def _failure(code: int, size: int, limit: int) -> BinderError:
         )
     if error_type is ProtocolError:
         return ProtocolError(f"the broker rejected the transaction (size {size}, detail {limit})")
+    if error_type is SecurityError:
+        return SecurityError("the broker's access policy denies calls to this service")
     return error_type(f"transaction failed (size {size}, limit {limit})")
 
 
