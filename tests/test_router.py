@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import posix_ipc
 import pytest
 
@@ -31,6 +32,7 @@ from pybinder.parcel import OBJ_NODE, ObjectRef
 from pybinder.protocol import (
     BR_DEAD_REPLY,
     BR_FAILED_REPLY,
+    BR_REPLY,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
     SEND_AREA,
@@ -350,3 +352,21 @@ def test_loopers_taking_turns_keep_the_idle_stack_bounded(world):
         for caller in callers:
             world.router.free_buffer(caller, caller.conn.received[-1][1])
     assert len(b.idle_stack) <= 2 * len(b.threads) + 8
+
+
+def test_a_service_manager_call_nested_past_the_recursion_limit_is_answered(world):
+    a = world.process()
+    thread = world.thread(a)
+    body = ["X" * 1010, [], {}]
+    encoded = parcel.encode(body)
+    whole = bytearray(encoded.size)
+    encoded.write_into(whole)
+    packed = msgpack.packb(body)
+    at = whole.find(packed)
+    # The same length, but the descriptor is a list nested ~1000 deep (its repr fails).
+    whole[at : at + len(packed)] = b"\x93" + b"\x91" * (len(packed) - 4) + b"\xc0\x90\x80"
+    area = thread.areas[SEND_AREA]
+    assert area is not None
+    area.view[: len(whole)] = whole
+    world.router.transaction(thread, 0, protocol.SM_CHECK_SERVICE, 0, len(whole))
+    assert last(thread)[0] == BR_REPLY  # an error reply, and no exception in the broker

@@ -141,9 +141,10 @@ class ServiceManager:
             raise ProtocolError(
                 f"a service manager call is [descriptor, args, kwargs]: {exc}"
             ) from None
-        if descriptor != protocol.SERVICE_MANAGER_DESCRIPTOR:
+        if descriptor != protocol.SERVICE_MANAGER_DESCRIPTOR:  # never repr'd: it may nest deep
+            given = repr(descriptor[:200]) if isinstance(descriptor, str) else "a non-str"
             raise InterfaceMismatchError(
-                f"handle 0 is {protocol.SERVICE_MANAGER_DESCRIPTOR!r}, not {descriptor!r}"
+                f"handle 0 is {protocol.SERVICE_MANAGER_DESCRIPTOR!r}, not {given}"
             )
         handler = self._handlers.get(code)
         if handler is None:
