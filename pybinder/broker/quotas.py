@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
-from pybinder.errors import CODE_OF_ERROR, QUOTA_NAMES, BinderError, QuotaExceededError
+from pybinder.errors import CODE_OF_ERROR, BinderError, QuotaExceededError, error_details
 
 #: Where POSIX shared memory lives; the default total of region bytes is a share of
 #: its free space when the broker starts.
@@ -103,11 +103,6 @@ class Quotas:
         except OSError:
             return self
         return replace(self, region_bytes_total=stats.f_bavail * stats.f_frsize // 2)
-
-
-def quota_index(name: str) -> int:
-    """The number that stands for quota ``name`` on the wire (see errors.QUOTA_NAMES)."""
-    return QUOTA_NAMES.index(name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,5 +192,6 @@ def error_fields(error: BinderError, size: int = 0, limit: int = 0) -> tuple[int
     them), else ``size`` and ``limit`` as given."""
     code = CODE_OF_ERROR.get(type(error), 1)
     if isinstance(error, QuotaExceededError):
-        return code, quota_index(error.quota), error.limit
+        index, quota_limit = error_details(error)
+        return code, index, quota_limit
     return code, size, limit
