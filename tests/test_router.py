@@ -370,3 +370,12 @@ def test_a_service_manager_call_nested_past_the_recursion_limit_is_answered(worl
     area.view[: len(whole)] = whole
     world.router.transaction(thread, 0, protocol.SM_CHECK_SERVICE, 0, len(whole))
     assert last(thread)[0] == BR_REPLY  # an error reply, and no exception in the broker
+
+
+def test_a_oneway_wait_for_a_name_leaves_no_waiter_and_sends_no_reply(world):
+    a = world.process()
+    thread = world.thread(a)
+    size = write_call(thread, [protocol.SERVICE_MANAGER_DESCRIPTOR, ["x", 0.5], {}])
+    world.router.transaction(thread, 0, protocol.SM_WAIT_FOR_SERVICE, TF_ONE_WAY, size)
+    assert thread.conn.commands() == [BR_TRANSACTION_COMPLETE]
+    assert not world.timers and not world.router.service_manager._waiters

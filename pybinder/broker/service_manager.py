@@ -118,10 +118,16 @@ class ServiceManager:
     # -- entry point ----------------------------------------------------------------
 
     def transact(self, thread: ThreadRecord, code: int, flags: int, data: bytes) -> None:
-        """Handle one transaction to handle 0 whose parcel is ``data`` (a private copy)."""
+        """Handle one transaction to handle 0 whose parcel is ``data`` (a private copy).
+
+        A oneway call can carry no answer, so only add_service runs oneway; a lookup,
+        a wait or a listing would make a handle or a reply that nobody receives.
+        """
         oneway = bool(flags & TF_ONE_WAY)
         if oneway:
             self._router.acknowledge_oneway(thread)
+            if code != protocol.SM_ADD_SERVICE:
+                return
         try:
             result = self._call(thread, code, data)
             body: list[Any] = [REPLY_OK, result]
