@@ -307,6 +307,8 @@ def decode(
     Out-of-band buffers come back as memoryviews of ``parcel`` (read-only when
     ``parcel`` is), listed in ``views`` so the caller can release them when the
     buffer is freed; with ``copy_buffers`` they come back as ``bytes`` instead.
+    Every handle in the object table goes through ``decode_object``, named in the
+    body or not, so the receiver accounts for each delivery the broker counted.
 
     Raises:
         ProtocolError: the parcel is malformed or its body is not valid msgpack.
@@ -316,6 +318,7 @@ def decode(
         return _unpack(parcel[header.body_start : header.body_start + header.body_len]), []
     views: list[memoryview] = []
     objects = read_objects(parcel, header) if header.n_objects else []
+    unused = set(range(len(objects)))
     table = header.buffer_table
 
     def ext_hook(code: int, data: bytes) -> Any:
@@ -328,13 +331,23 @@ def decode(
             views.append(view)
             return view
         if code == EXT_OBJECT and index < len(objects):
+            unused.discard(index)
             kind, value = objects[index]
             if decode_object is None:
                 return ObjectRef(kind, value)
             return decode_object(kind, value)
         raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
 
-    return _unpack(parcel[header.body_start : header.body_start + header.body_len], ext_hook), views
+    value = _unpack(parcel[header.body_start : header.body_start + header.body_len], ext_hook)
+    if decode_object is not None:
+        # A handle the body never names was delivered all the same (the broker counted
+        # it): decoding it makes a proxy that goes at once and releases it (BC_RELEASE),
+        # or counts it on the proxy this process has.
+        for index in sorted(unused):
+            kind, handle = objects[index]
+            if kind == OBJ_HANDLE:
+                decode_object(kind, handle)
+    return value, views
 
 
 def _unpack(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:

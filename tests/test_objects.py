@@ -8,10 +8,13 @@ import os
 import threading
 import time
 
+import msgpack
 import pytest
 from peers import ICallback, ITest
+from raw import answer, give_send_area
 
 import pybinder
+from pybinder import parcel, protocol
 
 
 class Callback(ICallback.Stub):
@@ -95,3 +98,34 @@ def test_handles_of_a_second_service_are_distinct(cluster, proc):
         second = proc.get_service("second", ITest, timeout=10)
         assert first.binder.handle != second.binder.handle
         assert first.who() == second.who() == [os.getpid(), os.getuid(), os.getgid()]
+
+
+def refs_of(proc: pybinder.ProcessState, pid: int) -> int:
+    return next(p["refs"] for p in proc.status()["processes"] if p["pid"] == pid)
+
+
+def test_handles_a_parcel_delivers_but_never_names_are_released(service, proc, raw_thread):
+    """A sender may list objects its body never names; each still became a handle in
+    the receiver, which must release it, or a hostile client fills its handle table."""
+    baseline = refs_of(proc, service.server_pid)
+    body = msgpack.packb([ITest.DESCRIPTOR, ["x"], {}])
+    entries = [(parcel.OBJ_NODE, 1000 + i) for i in range(20)]  # this process's "objects"
+    encoded = parcel.EncodedParcel(body, entries, [])
+    area = give_send_area(raw_thread, encoded.size)
+    encoded.write_into(area)
+    echo = next(m for m in ITest.METHODS if m.name == "echo").code
+    raw_thread.send(
+        protocol.encode(
+            protocol.BC_TRANSACTION, service.binder.handle, echo, 0, encoded.size, 0, 0, 0
+        )
+    )
+    reply = answer(raw_thread)[-1]
+    assert reply[0] == protocol.BR_REPLY
+    raw_thread.send(protocol.encode(protocol.BC_FREE_BUFFER, reply[1]))
+    service.echo("flush")  # the server sends its releases after its next message
+    deadline = time.monotonic() + 10
+    while refs_of(proc, service.server_pid) > baseline and time.monotonic() < deadline:
+        service.echo("flush")
+        time.sleep(0.05)
+    assert refs_of(proc, service.server_pid) == baseline
+    area.close()
