@@ -137,6 +137,13 @@ def node_of(world: World, owner: ProcessRecord, holder: ProcessRecord, local_id:
     return ref.handle
 
 
+def caller_and_server(world: World) -> tuple[ProcessRecord, ProcessRecord, int, ThreadRecord]:
+    """A process ``a`` with a thread and a handle to a node of ``b``, which has a looper."""
+    a, b = world.process(), world.process()
+    world.looper(b)
+    return a, b, node_of(world, b, a), world.thread(a)
+
+
 def last(thread: ThreadRecord) -> tuple[int, ...]:
     return thread.conn.received[-1]  # type: ignore[attr-defined]
 
@@ -148,10 +155,7 @@ def quota_named(command: tuple[int, ...]) -> str:
 
 @pytest.mark.quotas(nodes_per_process=3)
 def test_a_parcel_with_more_new_nodes_than_the_quota_fails_and_changes_nothing(world):
-    a, b = world.process(), world.process()
-    world.looper(b)
-    handle = node_of(world, b, a)
-    thread = world.thread(a)
+    a, b, handle, thread = caller_and_server(world)
     size = write_call(thread, ["d", [ObjectRef(OBJ_NODE, i) for i in range(1, 5)], {}])
     world.router.transaction(thread, handle, 1, 0, size)
     assert quota_named(last(thread)) == "nodes_per_process"
@@ -163,10 +167,7 @@ def test_a_parcel_with_more_new_nodes_than_the_quota_fails_and_changes_nothing(w
 
 @pytest.mark.quotas(handles_per_process=2)
 def test_a_target_at_its_handle_quota_gets_no_more_handles(world):
-    a, b = world.process(), world.process()
-    world.looper(b)
-    handle = node_of(world, b, a)
-    thread = world.thread(a)
+    _a, b, handle, thread = caller_and_server(world)
     size = write_call(thread, ["d", [ObjectRef(OBJ_NODE, i) for i in range(1, 4)], {}])
     world.router.transaction(thread, handle, 1, 0, size)
     assert quota_named(last(thread)) == "handles_per_process"
@@ -204,10 +205,7 @@ def test_root_is_exempt_from_the_quotas(world):
 
 
 def test_a_parcel_in_parts_whose_sender_stopped_fails_and_frees_its_space(world):
-    a, b = world.process(), world.process()
-    world.looper(b)
-    handle = node_of(world, b, a)
-    thread = world.thread(a)
+    _a, b, handle, thread = caller_and_server(world)
     size = write_call(thread, ["d", [bytes(8000)], {}])
     world.router.transaction(thread, handle, 1, TF_PARTS, size)
     world.router.parts.ready(thread, size // 2)
@@ -320,10 +318,7 @@ def test_names_a_killed_broker_left_are_swept_and_live_ones_kept():
 
 
 def test_a_call_queued_behind_oneway_calls_gets_a_dead_reply_when_its_target_dies(world):
-    a, b = world.process(), world.process()
-    world.looper(b)
-    handle = node_of(world, b, a)
-    thread = world.thread(a)
+    _a, b, handle, thread = caller_and_server(world)
     size = write_call(thread, ["d", [1], {}])
     world.router.transaction(thread, handle, 1, TF_ONE_WAY, size)  # runs in b's oneway lane
     world.router.transaction(thread, handle, 2, 0, size)  # two-way: queued behind it
