@@ -118,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             default=None,
             dest=f"quota_{item.name}",
+            metavar="SECONDS" if kind is float else "N",
             help=f"{item.metadata['help']} (default {item.default})",
         )
     group.add_argument(
