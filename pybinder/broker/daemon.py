@@ -37,7 +37,7 @@ from pybinder.broker.connection import (
 from pybinder.broker.death import process_died, thread_exited
 from pybinder.broker.one_copy import STREAM_MIN
 from pybinder.broker.policy import Policy, PolicyError
-from pybinder.broker.process import ProcessRecord, ThreadRecord
+from pybinder.broker.process import ProcessRecord, ThreadRecord, count_down
 from pybinder.broker.quotas import LogBudget, Quotas
 from pybinder.broker.router import Router
 from pybinder.broker.service_manager import ServiceManager
@@ -670,11 +670,7 @@ class Broker:
             return
         size = process.region_size
         self._region_bytes -= size
-        left = self._region_bytes_of_uid.get(process.uid, size) - size
-        if left > 0:
-            self._region_bytes_of_uid[process.uid] = left
-        else:
-            self._region_bytes_of_uid.pop(process.uid, None)
+        count_down(self._region_bytes_of_uid, process.uid, size)
 
     @staticmethod
     def _thread_of(conn: Connection) -> ThreadRecord:
@@ -723,11 +719,7 @@ class Broker:
             self._epoll.unregister(conn.fd)
         conn.close()
         self._said_hello(conn)
-        left = self._conns_of_uid.get(conn.uid, 1) - 1
-        if left > 0:
-            self._conns_of_uid[conn.uid] = left
-        else:
-            self._conns_of_uid.pop(conn.uid, None)
+        count_down(self._conns_of_uid, conn.uid)
         if conn.process is not None:
             self._forget_region(conn.process)
         if not notify:

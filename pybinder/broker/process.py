@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from pybinder.broker.records import ParcelSpan, Transaction
 
 
+def count_down(counts: dict[Any, int], key: Any, amount: int = 1) -> None:
+    """Take ``amount`` off ``counts[key]``, dropping the key at zero, so a table of
+    counts per uid, process or sender holds only the keys that have something."""
+    left = counts.get(key, amount) - amount
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     """A local object (Stub) in its owner that others can reach (binder_node).
@@ -341,11 +351,7 @@ class ProcessRecord:
             self.async_free += freed
         sender = buffer.sender
         if sender is not None:
-            left = self.held.get(sender, buffer.size) - buffer.size
-            if left > 0:
-                self.held[sender] = left
-            else:
-                self.held.pop(sender, None)
+            count_down(self.held, sender, buffer.size)
 
     def status(self) -> dict[str, int | str]:
         """Counters for ``pybinder status`` (sizes in bytes)."""

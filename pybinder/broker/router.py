@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pybinder import protocol
 from pybinder.broker.one_copy import copy_parcel, streams
 from pybinder.broker.parts import PartsCopier
-from pybinder.broker.process import Buffer, Node, ProcessRecord, Ref, ThreadRecord
+from pybinder.broker.process import Buffer, Node, ProcessRecord, Ref, ThreadRecord, count_down
 from pybinder.broker.quotas import Quotas, error_fields
 from pybinder.broker.records import ParcelSpan, Transaction
 from pybinder.broker.translate import translate
@@ -599,9 +599,7 @@ class Router:
         node = txn.node
         node.active -= 1
         if txn.oneway and txn.origin is not None:
-            left = node.oneway_senders.pop(txn.origin, 1) - 1
-            if left > 0:
-                node.oneway_senders[txn.origin] = left
+            count_down(node.oneway_senders, txn.origin)
         if txn.in_async_lane:
             node.async_busy -= 1
             if not node.async_busy:

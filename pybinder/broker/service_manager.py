@@ -15,9 +15,14 @@ from typing import Any, Protocol
 
 from pybinder import parcel, protocol
 from pybinder.broker.policy import Caller, Policy
-from pybinder.broker.process import Node, ProcessRecord, ThreadRecord
+from pybinder.broker.process import Node, ProcessRecord, ThreadRecord, count_down
 from pybinder.broker.router import Router
-from pybinder.broker.translate import check_entry, entry_for_node, node_for_entry
+from pybinder.broker.translate import (
+    check_entry,
+    check_object_quotas,
+    entry_for_node,
+    node_for_entry,
+)
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -246,11 +251,7 @@ class ServiceManager:
         thread = waiter.thread
         thread.sm_waits -= 1
         process = thread.process
-        left = self._waiters_of.get(process, 1) - 1
-        if left > 0:
-            self._waiters_of[process] = left
-        else:
-            self._waiters_of.pop(process, None)
+        count_down(self._waiters_of, process)
 
     def _time_out(self, name: str, waiter: Waiter) -> None:
         waiter.timer = None
@@ -268,10 +269,7 @@ class ServiceManager:
         existing = self.services.get(name)
         self._check_allowed("add", name, process, existing)
         self._check_names_quota(process, existing)
-        quotas = self._router.quotas
-        new_node = binder.kind == parcel.OBJ_NODE and binder.value not in process.nodes
-        if new_node and quotas.over("nodes_per_process", process.uid, len(process.nodes) + 1):
-            raise quotas.error("nodes_per_process", f"pid {process.pid}'s objects")
+        check_object_quotas(process, process, [(binder.kind, binder.value)], self._router.quotas)
         node = node_for_entry(process, binder.kind, binder.value)
         node.holders += 1
         if existing is not None:
@@ -387,11 +385,7 @@ class ServiceManager:
             names.discard(name)
             if not names:
                 del self._names_of[service.node.owner]
-        left = self._names_of_uid.get(service.uid, 1) - 1
-        if left > 0:
-            self._names_of_uid[service.uid] = left
-        else:
-            self._names_of_uid.pop(service.uid, None)
+        count_down(self._names_of_uid, service.uid)
         self._sorted = None
         service.node.holders -= 1
         self._router.maybe_release(service.node)
