@@ -256,16 +256,53 @@ def format_status(status: dict[str, Any]) -> str:
         _streaming_line(broker),
         "",
         f"{'PID':>7} {'UID':>6} {'NAME':<16} {'REGION':>10} {'IN USE':>10} {'SENT':>8}"
-        f" {'RECEIVED':>8} {'COPIED IN':>12}  SERVICES",
+        f" {'RECEIVED':>8} {'COPIED IN':>12} {'LOOPERS':>9} {'NODES':>6} {'REFS':>6}"
+        f" {'PENDING':>7}  SERVICES",
     ]
     for p in status["processes"]:
         lines.append(
             f"{p['pid']:>7} {p['uid']:>6} {p.get('name', '')[:16]:<16} {p['region_size']:>10}"
             f" {p['region_in_use']:>10} {p['transactions_sent']:>8}"
             f" {p['transactions_received']:>8} {p['bytes_copied_in']:>12}"
-            f"  {', '.join(p['services'])}"
+            f" {_loopers_cell(p['loopers']):>9} {p['nodes_count']:>6} {p['refs_count']:>6}"
+            f" {len(p['pending']):>7}  {', '.join(p['services'])}"
         )
+    graph = [line for p in status["processes"] for line in _graph_lines(p)]
+    if graph:
+        lines += ["", "objects (per process: nodes it owns, handles it holds, calls to it):"]
+        lines += graph
     return "\n".join(lines)
+
+
+def _loopers_cell(loopers: dict[str, int]) -> str:
+    """``busy/idle`` of a process's loopers, and its pool's max_threads if set."""
+    cell = f"{loopers['busy']}/{loopers['idle']}"
+    return f"{cell} <={loopers['max_threads']}" if loopers["max_threads"] else cell
+
+
+def _graph_lines(process: dict[str, Any]) -> list[str]:
+    """The object graph of one process's status entry, one line per object."""
+    lines = []
+    pid = process["pid"]
+    for node in process["nodes"]:
+        lines.append(
+            f"  pid {pid} node {node['id']} {node['descriptor'] or '?'}:"
+            f" {node['refs']} refs held by others"
+        )
+    for ref in process["refs"]:
+        node = ref["node"]
+        death = ", death link" if ref["death_link"] else ""
+        lines.append(
+            f"  pid {pid} handle {ref['handle']} -> pid {node['pid']} node {node['id']}"
+            f" {node['descriptor'] or '?'} (x{ref['count']}{death})"
+        )
+    for txn in process["pending"]:
+        kind = "oneway" if txn["oneway"] else "call"
+        lines.append(
+            f"  pid {pid} {txn['state']} {kind} code {txn['code']} to node {txn['node']}"
+            f" {txn['descriptor'] or '?'} from pid {txn['from_pid']}, {txn['age_s']:.3f} s old"
+        )
+    return lines
 
 
 def _process_name(pid: int) -> str:

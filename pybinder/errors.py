@@ -53,6 +53,11 @@ class InterfaceMismatchError(BinderError):
     """The caller's interface descriptor is not the target's (enforceInterface failed)."""
 
 
+class ProxyClosedError(BinderError, ValueError):
+    """A call on a proxy after its ``close()`` (as I/O on a closed file): this process
+    released its reference, so it can no longer reach the node through it."""
+
+
 class ProtocolError(BinderError):
     """A malformed frame or parcel: bad command, bad offset or length, bad header."""
 
@@ -107,6 +112,7 @@ ERROR_CODES: dict[int, type[BinderError]] = {
     8: BrokerUnavailableError,
     9: QuotaExceededError,
     10: SecurityError,
+    11: ProxyClosedError,
 }
 CODE_OF_ERROR: dict[type[BinderError], int] = {cls: code for code, cls in ERROR_CODES.items()}
 
@@ -126,6 +132,8 @@ QUOTA_NAMES: tuple[str, ...] = (
     "waiters_per_process",
     "services_per_uid",
     "service_manager_parcel",
+    "fds_per_transaction",
+    "fds_per_uid",
 )
 
 

@@ -6,20 +6,26 @@ it in place::
 
     offset 0   header      magic "PBP1", version, flags, n_objects, n_buffers,
                            body_len, total_len                        (32 bytes)
-    32         object table  n_objects x (kind u32, pad u32, value u64)  (16 bytes each)
+    32         object table  n_objects x (kind u32, extra u32, value u64)  (16 bytes each)
     ...        buffer table  n_buffers x (offset u64, length u64)        (16 bytes each)
     ...        body        msgpack: the arguments, or the reply
     align 64   buffers     each out-of-band buffer, 64-byte aligned
 
 The object table is binder's ``offsets`` array of flat_binder_objects: the broker
-rewrites each entry (a node of the sender becomes a handle of the receiver, and back)
-in the receiver's copy. Bytes-like values of :data:`OUT_OF_BAND_THRESHOLD` bytes or
-more travel in the buffer area, so the receiver can get them as memoryviews of its
-region instead of copies.
+rewrites each entry (a node of the sender becomes a handle of the receiver, and back;
+a descriptor becomes the receiver's index into the file descriptors that come with
+the parcel) in the receiver's copy, and writes a handle's owner pid in its pad word.
+The body names an object by an extension holding its table index and its interface
+descriptor (the sender's word for it, which travels with the reference).
+
+Bytes-like values of :data:`OUT_OF_BAND_THRESHOLD` bytes or more travel in the buffer
+area, so the receiver can get them as memoryviews of its region instead of copies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -42,13 +48,17 @@ BUFFER_ALIGN: Final = 64
 MAX_OBJECTS: Final = 4096
 MAX_BUFFERS: Final = 4096
 
-#: Object table kinds (binder's BINDER_TYPE_BINDER and BINDER_TYPE_HANDLE).
+#: Object table kinds (binder's BINDER_TYPE_BINDER, BINDER_TYPE_HANDLE, BINDER_TYPE_FD).
 OBJ_NODE: Final = 1  # value: the sender's local node id (a Stub it owns)
 OBJ_HANDLE: Final = 2  # value: a handle in the sender's (or receiver's, after translation) table
+OBJ_FD: Final = 3  # value: index into the descriptors sent with the parcel (SCM_RIGHTS)
+
+#: The longest interface descriptor an object extension carries, in UTF-8 bytes.
+MAX_DESCRIPTOR: Final = 255
 
 #: msgpack extension codes used in the body.
 EXT_BUFFER: Final = 1  # data: u32 index into the buffer table
-EXT_OBJECT: Final = 2  # data: u32 index into the object table
+EXT_OBJECT: Final = 2  # data: u32 index into the object table, then the descriptor (UTF-8)
 
 HEADER: Final = struct.Struct("<4sHHIIIIQ")
 OBJECT_ENTRY: Final = struct.Struct("<IIQ")
@@ -61,8 +71,11 @@ _ENTRY_SIZE: Final = BUFFER_ENTRY.size  # of either table
 _unpack_header: Final = HEADER.unpack_from
 _new_tuple: Final = tuple.__new__
 
-ObjectEncoder = Callable[[Any], "tuple[int, int] | None"]
-ObjectDecoder = Callable[[int, int], Any]
+#: ``encode_object(obj)`` -> ``(kind, value, descriptor)`` for a binder object, or None.
+ObjectEncoder = Callable[[Any], "tuple[int, int, str] | None"]
+#: ``decode_object(kind, value, descriptor, extra)`` -> the object; ``extra`` is a
+#: handle's owner pid (0: unknown); for OBJ_FD, ``value`` is the received descriptor.
+ObjectDecoder = Callable[[int, int, str, int], Any]
 
 
 class ObjectRef:
@@ -71,13 +84,20 @@ class ObjectRef:
     The broker's service manager reads and writes binder objects as ObjectRefs;
     :func:`encode` accepts them and :func:`decode` returns them when no
     ``decode_object`` is given.
+
+    Attributes:
+        kind, value: the object-table entry (OBJ_NODE, OBJ_HANDLE or OBJ_FD, and its value).
+        descriptor: the interface descriptor the body gives for it ("" if none).
+        extra: the entry's extra word: a handle's owner pid, as the broker writes it.
     """
 
-    __slots__ = ("kind", "value")
+    __slots__ = ("descriptor", "extra", "kind", "value")
 
-    def __init__(self, kind: int, value: int) -> None:
+    def __init__(self, kind: int, value: int, descriptor: str = "", extra: int = 0) -> None:
         self.kind = kind
         self.value = value
+        self.descriptor = descriptor
+        self.extra = extra
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ObjectRef) and (other.kind, other.value) == (self.kind, self.value)
@@ -86,7 +106,7 @@ class ObjectRef:
         return hash((self.kind, self.value))
 
     def __repr__(self) -> str:
-        return f"ObjectRef(kind={self.kind}, value={self.value})"
+        return f"ObjectRef(kind={self.kind}, value={self.value}, descriptor={self.descriptor!r})"
 
 
 class ParcelHeader(NamedTuple):
@@ -147,9 +167,51 @@ def read_objects(parcel: memoryview | bytes, header: ParcelHeader) -> list[tuple
     ]
 
 
-def write_object(parcel: memoryview | bytearray, index: int, kind: int, value: int) -> None:
+def read_entries(parcel: memoryview | bytes, header: ParcelHeader) -> list[tuple[int, int, int]]:
+    """Return the object table as ``[(kind, extra, value), ...]``."""
+    return [
+        OBJECT_ENTRY.unpack_from(parcel, HEADER.size + OBJECT_ENTRY.size * i)
+        for i in range(header.n_objects)
+    ]
+
+
+def count_fds(parcel: memoryview | bytes) -> int:
+    """How many OBJ_FD entries a parcel's object table has (the descriptors that
+    came with it), or 0 if its header is malformed."""
+    try:
+        header = parse_header(parcel)
+    except ProtocolError:
+        return 0
+    return sum(1 for kind, _ in read_objects(parcel, header) if kind == OBJ_FD)
+
+
+def write_object(
+    parcel: memoryview | bytearray, index: int, kind: int, value: int, extra: int = 0
+) -> None:
     """Overwrite entry ``index`` of the object table (the broker's translation step)."""
-    OBJECT_ENTRY.pack_into(parcel, HEADER.size + OBJECT_ENTRY.size * index, kind, 0, value)
+    OBJECT_ENTRY.pack_into(parcel, HEADER.size + OBJECT_ENTRY.size * index, kind, extra, value)
+
+
+def object_descriptors(parcel: memoryview | bytes, header: ParcelHeader) -> dict[int, str]:
+    """``{object index: descriptor}`` as the body names its objects; {} for a body
+    that is not valid msgpack. The broker reads it when a node first arrives."""
+    found: dict[int, str] = {}
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_OBJECT and len(data) >= _INDEX.size:
+            found[_INDEX.unpack_from(data)[0]] = _descriptor_of(data)
+        return None
+
+    start = header.body_start
+    try:
+        _unpack(memoryview(parcel)[start : start + header.body_len], ext_hook)
+    except ProtocolError:
+        return {}
+    return found
+
+
+def _descriptor_of(data: bytes) -> str:
+    return bytes(data[_INDEX.size : _INDEX.size + MAX_DESCRIPTOR]).decode("utf-8", "replace")
 
 
 class EncodedParcel:
@@ -166,16 +228,24 @@ class EncodedParcel:
         size: the whole parcel, in bytes.
         head_size: the bytes :meth:`write_into` writes (all but the tail).
         tail: index of the tail buffer, or None.
+        fds: the file descriptors its OBJ_FD entries name, in order (borrowed from
+            the objects sent: the sender passes them with SCM_RIGHTS, which duplicates
+            them, and keeps them open until then).
     """
 
-    __slots__ = ("body", "buffers", "head_size", "objects", "offsets", "size", "tail")
+    __slots__ = ("body", "buffers", "fds", "head_size", "objects", "offsets", "size", "tail")
 
     def __init__(
-        self, body: bytes, objects: list[tuple[int, int]], buffers: list[memoryview]
+        self,
+        body: bytes,
+        objects: list[tuple[int, int, int]],
+        buffers: list[memoryview],
+        fds: list[int] | None = None,
     ) -> None:
         self.body = body
         self.objects = objects
         self.buffers = buffers
+        self.fds: list[int] = fds if fds is not None else []
         self.tail: int | None = None
         if buffers:
             self._lay_out()
@@ -218,8 +288,8 @@ class EncodedParcel:
             dest[_HEADER_SIZE : self.size] = body
             return self.size
         pos = HEADER.size
-        for kind, value in objects:
-            OBJECT_ENTRY.pack_into(dest, pos, kind, 0, value)
+        for kind, value, extra in objects:
+            OBJECT_ENTRY.pack_into(dest, pos, kind, extra, value)
             pos += OBJECT_ENTRY.size
         table = pos
         pos += BUFFER_ENTRY.size * len(buffers)
@@ -237,12 +307,16 @@ def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedPar
 
     Args:
         value: None, bool, int, float, str, bytes-like, list, tuple, dict, nested,
-            and any object ``encode_object`` accepts.
-        encode_object: maps a binder object (Stub, Proxy) to ``(kind, value)`` for the
-            object table, or returns None for objects it does not know.
+            any object ``encode_object`` accepts, and any object with a ``fileno()``
+            method (a file, socket, pipe end, ParcelFileDescriptor): its descriptor
+            goes with the parcel (OBJ_FD; see :attr:`EncodedParcel.fds`).
+        encode_object: maps a binder object (Stub, Proxy) to ``(kind, value,
+            descriptor)`` for the object table, or returns None for objects it does
+            not know.
 
     Raises:
         TypeError: a value msgpack cannot carry and ``encode_object`` does not accept.
+        ValueError: a descriptor longer than MAX_DESCRIPTOR bytes, or a closed file.
     """
     encoder = getattr(_encoders, "idle", None)
     _encoders.idle = None  # taken: a nested encode on this thread builds its own
@@ -259,18 +333,21 @@ class _Encoder:
     and the object and buffer lists its hooks fill for the parcel being encoded."""
 
     def __init__(self) -> None:
-        self.objects: list[tuple[int, int]] = []
+        self.objects: list[tuple[int, int, int]] = []
         self.buffers: list[memoryview] = []
+        self.fds: list[int] = []
         self.encode_object: ObjectEncoder | None = None
         self.packer = msgpack.Packer(default=self.default, use_bin_type=True, datetime=False)
 
     def encode(self, value: Any, encode_object: ObjectEncoder | None) -> EncodedParcel:
-        objects: list[tuple[int, int]] = []
+        objects: list[tuple[int, int, int]] = []
         buffers: list[memoryview] = []
-        self.objects, self.buffers, self.encode_object = objects, buffers, encode_object
+        fds: list[int] = []
+        self.objects, self.buffers, self.fds = objects, buffers, fds
+        self.encode_object = encode_object
         if type(value) not in _SCALARS:
             value = _lift_buffers(value, self.out_of_band)
-        return EncodedParcel(self.packer.pack(value), objects, buffers)
+        return EncodedParcel(self.packer.pack(value), objects, buffers, fds)
 
     def out_of_band(self, view: memoryview) -> msgpack.ExtType:
         self.buffers.append(view)
@@ -278,19 +355,33 @@ class _Encoder:
 
     def default(self, obj: Any) -> Any:
         if isinstance(obj, ObjectRef):
-            self.objects.append((obj.kind, obj.value))
-            return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(self.objects) - 1))
+            return self.add_object(obj.kind, obj.value, obj.descriptor, obj.extra)
         if self.encode_object is not None:
             entry = self.encode_object(obj)
             if entry is not None:
-                self.objects.append(entry)
-                return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(self.objects) - 1))
+                return self.add_object(entry[0], entry[1], entry[2], 0)
         try:
             view = memoryview(obj)
         except TypeError:
-            raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
+            fileno = getattr(obj, "fileno", None)
+            if fileno is None or isinstance(obj, type):
+                raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
+            return self.add_fd(fileno())
         view = _flat_bytes(view)
         return self.out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
+
+    def add_object(self, kind: int, value: int, descriptor: str, extra: int) -> msgpack.ExtType:
+        self.objects.append((kind, value, extra))
+        name = descriptor.encode()
+        if len(name) > MAX_DESCRIPTOR:
+            raise ValueError(f"interface descriptor longer than {MAX_DESCRIPTOR} bytes")
+        return msgpack.ExtType(EXT_OBJECT, _INDEX.pack(len(self.objects) - 1) + name)
+
+    def add_fd(self, fd: Any) -> msgpack.ExtType:
+        if type(fd) is not int or fd < 0:
+            raise ValueError(f"cannot send a closed file (fileno() gave {fd!r})")
+        self.fds.append(fd)
+        return self.add_object(OBJ_FD, len(self.fds) - 1, "", 0)
 
 
 _encoders: Final = threading.local()
@@ -301,6 +392,7 @@ def decode(
     decode_object: ObjectDecoder | None = None,
     *,
     copy_buffers: bool = False,
+    fds: list[int] | None = None,
 ) -> tuple[Any, list[memoryview]]:
     """Read a parcel's value; return ``(value, views)``.
 
@@ -309,20 +401,43 @@ def decode(
     buffer is freed; with ``copy_buffers`` they come back as ``bytes`` instead.
     Every handle in the object table goes through ``decode_object``, named in the
     body or not, so the receiver accounts for each delivery the broker counted.
+    ``fds`` are the descriptors that came with the parcel, in the order of its
+    OBJ_FD entries: each one the body names goes to ``decode_object`` (which then
+    owns it), and this function closes the others.
 
     Raises:
         ProtocolError: the parcel is malformed or its body is not valid msgpack.
     """
+    received = fds or []
+    try:
+        return _decode(parcel, decode_object, copy_buffers, received)
+    finally:
+        for fd in received:  # the ones decode_object did not take
+            if fd >= 0:
+                _close_quietly(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _decode(
+    parcel: memoryview | bytes,
+    decode_object: ObjectDecoder | None,
+    copy_buffers: bool,
+    fds: list[int],
+) -> tuple[Any, list[memoryview]]:
     header = parse_header(parcel)
     if not (header.n_objects or header.n_buffers):  # nothing out of band: no hook needed
         return _unpack(parcel[header.body_start : header.body_start + header.body_len]), []
     views: list[memoryview] = []
-    objects = read_objects(parcel, header) if header.n_objects else []
+    objects = read_entries(parcel, header) if header.n_objects else []
     unused = set(range(len(objects)))
     table = header.buffer_table
 
     def ext_hook(code: int, data: bytes) -> Any:
-        (index,) = _INDEX.unpack(data)
+        (index,) = _INDEX.unpack_from(data) if len(data) >= _INDEX.size else (-1,)
         if code == EXT_BUFFER and index < header.n_buffers:
             offset, length = BUFFER_ENTRY.unpack_from(parcel, table + BUFFER_ENTRY.size * index)
             if copy_buffers:
@@ -330,12 +445,17 @@ def decode(
             view = memoryview(parcel)[offset : offset + length]
             views.append(view)
             return view
-        if code == EXT_OBJECT and index < len(objects):
+        if code == EXT_OBJECT and index < len(objects) and index in unused:
             unused.discard(index)
-            kind, value = objects[index]
+            kind, extra, value = objects[index]
+            descriptor = _descriptor_of(data)
             if decode_object is None:
-                return ObjectRef(kind, value)
-            return decode_object(kind, value)
+                return ObjectRef(kind, value, descriptor, extra)
+            if kind == OBJ_FD:
+                if value >= len(fds) or fds[value] < 0:
+                    raise ProtocolError(f"parcel names descriptor {value}, which did not come")
+                value, fds[value] = fds[value], -1
+            return decode_object(kind, value, descriptor, extra)
         raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
 
     value = _unpack(parcel[header.body_start : header.body_start + header.body_len], ext_hook)
@@ -344,9 +464,9 @@ def decode(
         # it): decoding it makes a proxy that goes at once and releases it (BC_RELEASE),
         # or counts it on the proxy this process has.
         for index in sorted(unused):
-            kind, handle = objects[index]
+            kind, extra, handle = objects[index]
             if kind == OBJ_HANDLE:
-                decode_object(kind, handle)
+                decode_object(kind, handle, "", extra)
     return value, views
 
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 
 #: The largest message either side sends or accepts, in bytes.
 MAX_MESSAGE: Final = 4096
@@ -116,6 +116,10 @@ BC_FREE_BUFFER: Final = 0x4307  # offset: the receiver is done with a buffer in 
 BC_RELEASE: Final = 0x4308  # handle, count: drop `count` references to a handle
 BC_EXIT_LOOPER: Final = 0x4309  # this thread no longer waits for transactions
 BC_PARCEL_READY: Final = 0x430A  # ready: the first `ready` bytes of a TF_PARTS parcel are written
+BC_REQUEST_DEATH_NOTIFICATION: Final = 0x430B  # handle: send BR_DEAD_BINDER when its node dies
+BC_CLEAR_DEATH_NOTIFICATION: Final = 0x430C  # handle: no BR_DEAD_BINDER for it after all
+BC_SET_MAX_THREADS: Final = 0x430D  # n: ask for up to n loopers (BINDER_SET_MAX_THREADS)
+BC_REGISTER_LOOPER: Final = 0x430E  # BC_ENTER_LOOPER for a thread of the pool (counts toward n)
 
 # -- returns the broker sends (binder's BR_*) ---------------------------------------
 BR_HELLO_PROCESS: Final = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
@@ -125,9 +129,11 @@ BR_ERROR: Final = 0x5204  # code, size, limit: the last command failed
 BR_TRANSACTION: Final = 0x5205  # node, code, flags, offset, data_len, pid, uid, gid
 BR_REPLY: Final = 0x5206  # offset, data_len
 BR_TRANSACTION_COMPLETE: Final = 0x5207  # a oneway transaction was copied into its target
-BR_DEAD_REPLY: Final = 0x5208  # the target died before answering
+BR_DEAD_REPLY: Final = 0x5208  # handle: the target died before answering (the caller's handle)
 BR_FAILED_REPLY: Final = 0x5209  # code, size, limit: the transaction could not be delivered
 BR_RELEASE_NODE: Final = 0x520A  # node, count: no remote references left to a local node
+BR_DEAD_BINDER: Final = 0x520B  # handle: the node behind a handle with a death link has died
+BR_SPAWN_LOOPER: Final = 0x520C  # every looper is busy and work waits: start one more
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
@@ -138,6 +144,20 @@ REPLY_BINDER_ERROR: Final = 2  # [REPLY_BINDER_ERROR, error code (errors.ERROR_C
 #: The first user transaction code (binder's FIRST_CALL_TRANSACTION).
 FIRST_CALL_TRANSACTION: Final = 1
 
+#: The last code an interface method may have (binder's LAST_CALL_TRANSACTION); the
+#: codes above are the runtime's own, answered before any Stub sees them.
+LAST_CALL_TRANSACTION: Final = 0x00FFFFFF
+
+#: Is the node's process alive? Answered True by the runtime (binder's '_PNG').
+PING_TRANSACTION: Final = 0x5F504E47
+
+#: The node's interface: ``[descriptor, interface hash, [[code, name, oneway], ...]]``,
+#: answered by the runtime from the Stub's class (binder's '_NTF').
+INTERFACE_TRANSACTION: Final = 0x5F4E5446
+
+#: The most loopers a process may ask the broker to spawn (BC_SET_MAX_THREADS).
+MAX_THREADS_LIMIT: Final = 256
+
 # -- the service manager at handle 0, served inside the broker ---------------------
 SERVICE_MANAGER_DESCRIPTOR: Final = "pybinder.IServiceManager"
 SM_CHECK_SERVICE: Final = 1  # (name) -> binder or None
@@ -145,6 +165,12 @@ SM_WAIT_FOR_SERVICE: Final = 2  # (name, timeout seconds or None) -> binder, or 
 SM_ADD_SERVICE: Final = 3  # (name, binder) -> None
 SM_LIST_SERVICES: Final = 4  # () -> [name, ...]
 SM_STATUS: Final = 5  # () -> the broker's status dict
+SM_REGISTER_FOR_NOTIFICATIONS: Final = 6  # (name, callback binder) -> None
+SM_UNREGISTER_FOR_NOTIFICATIONS: Final = 7  # (name, callback binder) -> None
+
+#: The interface of a service-notification callback: the broker calls its one oneway
+#: method, code FIRST_CALL_TRANSACTION, with (name, binder) when ``name`` is added.
+SERVICE_CALLBACK_DESCRIPTOR: Final = "pybinder.IServiceCallback"
 
 _FIELDS: Final[dict[int, str]] = {
     BC_HELLO_PROCESS: "IQ",
@@ -157,6 +183,10 @@ _FIELDS: Final[dict[int, str]] = {
     BC_RELEASE: "QQ",
     BC_EXIT_LOOPER: "",
     BC_PARCEL_READY: "Q",
+    BC_REQUEST_DEATH_NOTIFICATION: "Q",
+    BC_CLEAR_DEATH_NOTIFICATION: "Q",
+    BC_SET_MAX_THREADS: "I",
+    BC_REGISTER_LOOPER: "",
     BR_HELLO_PROCESS: "QQQ",
     BR_HELLO_THREAD: "Q",
     BR_OK: "",
@@ -164,9 +194,11 @@ _FIELDS: Final[dict[int, str]] = {
     BR_TRANSACTION: "QIIQQiII",
     BR_REPLY: "QQ",
     BR_TRANSACTION_COMPLETE: "",
-    BR_DEAD_REPLY: "",
+    BR_DEAD_REPLY: "Q",
     BR_FAILED_REPLY: "IQQ",
     BR_RELEASE_NODE: "QQ",
+    BR_DEAD_BINDER: "Q",
+    BR_SPAWN_LOOPER: "",
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.

@@ -208,7 +208,8 @@ def caller(socket_path: str, name: str, region_size: int) -> None:
     """Call blob(64) on the service ``name`` once, print what happened, then wait to
     be killed (still connected, so its region can be inspected)."""
     with pybinder.connect(socket_path, region_size=region_size) as proc:
-        service = proc.get_service(name, ITest, timeout=10)
+        # unchecked (no INTERFACE_TRANSACTION): the test may serve it by hand
+        service = ITest.as_interface(proc.get_service(name, timeout=10))
         print(f"ready {os.getpid()}", flush=True)
         try:
             service.blob(64)
@@ -239,3 +240,51 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# -- versions of one interface (tests/test_interfaces.py) -------------------------------
+# Run as ``python -c "import peers; peers.calc_server(SOCKET, VERSION)"`` (with tests/ on
+# sys.path): appended after main(), whose roles are left as they are.
+
+#: The methods of each version of tests.ICalc, in declaration order.
+CALC_VERSIONS = {
+    "old": ("add", "sub"),
+    "new": ("add", "sub", "mul"),  # mul appended: compatible both ways
+    "inserted": ("add", "mul", "sub"),  # mul inserted: sub's code now means mul
+}
+
+
+def calc_interface(version: str) -> type[pybinder.Interface]:
+    """tests.ICalc as ``version`` declares it (see :data:`CALC_VERSIONS`).
+
+    Made on demand, not at module level: the interface registry is keyed by
+    descriptor, and only the process that plays this version should register it."""
+    namespace: dict[str, Any] = {"DESCRIPTOR": "tests.ICalc"}
+    for name in CALC_VERSIONS[version]:
+
+        def declaration(self: Any, a: int, b: int) -> int: ...
+
+        declaration.__name__ = declaration.__qualname__ = name
+        namespace[name] = pybinder.method(declaration)
+    return type("ICalc", (pybinder.Interface,), namespace)
+
+
+def calc_server(socket_path: str, version: str) -> None:
+    """Serve "calc" as ``version`` of tests.ICalc until killed."""
+    interface = calc_interface(version)
+
+    class Calc(interface.Stub):  # type: ignore[name-defined,misc]
+        def add(self, a: int, b: int) -> int:
+            return a + b
+
+        def sub(self, a: int, b: int) -> int:
+            return a - b
+
+        def mul(self, a: int, b: int) -> int:
+            return a * b
+
+    with pybinder.connect(socket_path) as proc:
+        proc.add_service("calc", Calc())
+        proc.start_thread_pool(2)
+        print(f"ready {os.getpid()}", flush=True)
+        proc.join_thread_pool()

@@ -57,7 +57,7 @@ from conftest import UNEXPECTED
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from peers import ICallback, ITest
-from waiting import eventually
+from waiting import eventually, fill_thread_pool, loopers
 
 from pybinder import parcel, protocol
 from pybinder.errors import (
@@ -105,7 +105,9 @@ from pybinder.protocol import (
     SM_ADD_SERVICE,
     SM_CHECK_SERVICE,
     SM_LIST_SERVICES,
+    SM_REGISTER_FOR_NOTIFICATIONS,
     SM_STATUS,
+    SM_UNREGISTER_FOR_NOTIFICATIONS,
     SM_WAIT_FOR_SERVICE,
     TF_ONE_WAY,
     TF_PARTS,
@@ -529,9 +531,10 @@ class Env:
         self.tokens = itertools.count()
         try:
             assert self.call(self.service.echo, "hello") == "hello"
-            # the server's loopers (its pool of 4 and its main thread) connect after it
-            # says ready
-            assert eventually(lambda: self.server_entry()["loopers"] == 5, timeout=WAIT_S)
+            # The server's pool starts one looper and grows on demand up to 4 (plus its
+            # main thread): fill it now, so that no looper connects during an example.
+            fill_thread_pool(self.service, 5)
+            assert eventually(lambda: loopers(self.server_entry()) == 5, timeout=WAIT_S)
             self.baseline = self.snapshot()
             self.names = self.call(self.proc.list_services)  # "test"
         except BaseException:
@@ -1372,12 +1375,18 @@ def _status():
     return None
 
 
+def _register(name, callback):
+    return name, callback
+
+
 _SIGNATURES = {
     SM_CHECK_SERVICE: _check,
     SM_WAIT_FOR_SERVICE: _wait,
     SM_ADD_SERVICE: _add,
     SM_LIST_SERVICES: _list,
     SM_STATUS: _status,
+    SM_REGISTER_FOR_NOTIFICATIONS: _register,
+    SM_UNREGISTER_FOR_NOTIFICATIONS: _register,
 }
 
 
@@ -1442,6 +1451,15 @@ def expected_manager_reply(frame: bytes, code: int, registered: set[str]) -> lis
         if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
             return [REPLY_EXCEPTION, "ValueError"]
         return [REPLY_OK, sorted(registered)[bound:]]
+    if code in (SM_REGISTER_FOR_NOTIFICATIONS, SM_UNREGISTER_FOR_NOTIFICATIONS):
+        name, callback = bound
+        if not _valid_name(name):
+            return [REPLY_EXCEPTION, "ValueError"]
+        if not isinstance(callback, ObjectRef):
+            return [REPLY_EXCEPTION, "TypeError"]
+        if callback.kind != OBJ_NODE:  # the fuzzing process holds no handle
+            return [REPLY_BINDER_ERROR, _ERROR]
+        return [REPLY_OK, None]
     return [REPLY_OK, dict]
 
 

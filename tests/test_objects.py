@@ -48,7 +48,8 @@ def test_a_local_object_sent_away_comes_back_as_itself(service):
 
 
 def test_a_proxy_sent_to_its_owner_comes_back_as_the_same_proxy(service):
-    assert service.echo(service.binder) is service.binder
+    back = service.echo(service.binder)  # typed: it arrives as an ITest.Proxy
+    assert isinstance(back, ITest.Proxy) and back.binder is service.binder and back == service
 
 
 def test_as_interface_wraps_proxies_and_returns_local_objects():
@@ -78,7 +79,7 @@ def test_dropping_a_proxy_releases_our_handle(cluster, proc):
 
     def our_refs() -> int:
         mine = [p for p in proc.status()["processes"] if p["region_size"] == proc.region_size]
-        return mine[0]["refs"]
+        return mine[0]["refs_count"]
 
     assert our_refs() == 1
     del service
@@ -101,7 +102,7 @@ def test_handles_of_a_second_service_are_distinct(cluster, proc):
 
 
 def refs_of(proc: pybinder.ProcessState, pid: int) -> int:
-    return next(p["refs"] for p in proc.status()["processes"] if p["pid"] == pid)
+    return next(p["refs_count"] for p in proc.status()["processes"] if p["pid"] == pid)
 
 
 def test_handles_a_parcel_delivers_but_never_names_are_released(service, proc, raw_thread):
@@ -109,7 +110,7 @@ def test_handles_a_parcel_delivers_but_never_names_are_released(service, proc, r
     the receiver, which must release it, or a hostile client fills its handle table."""
     baseline = refs_of(proc, service.server_pid)
     body = msgpack.packb([ITest.DESCRIPTOR, ["x"], {}])
-    entries = [(parcel.OBJ_NODE, 1000 + i) for i in range(20)]  # this process's "objects"
+    entries = [(parcel.OBJ_NODE, 1000 + i, 0) for i in range(20)]  # this process's "objects"
     encoded = parcel.EncodedParcel(body, entries, [])
     area = give_send_area(raw_thread, encoded.size)
     encoded.write_into(area)

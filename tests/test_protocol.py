@@ -130,9 +130,11 @@ class IExtended(ITest):
 
 def test_a_mismatched_interface_is_refused_not_misrouted(cluster, proc):
     cluster.server()
-    wrong = proc.get_service("test", IWrong, timeout=10)
     with pytest.raises(pybinder.InterfaceMismatchError, match=r"tests\.IWrong"):
-        wrong.echo("hello")
+        proc.get_service("test", IWrong, timeout=10)  # checked once, at the lookup
+    wrong = IWrong.as_interface(proc.get_service("test", timeout=10))  # unchecked
+    with pytest.raises(pybinder.InterfaceMismatchError, match=r"tests\.IWrong"):
+        wrong.echo("hello")  # the Stub checks every call (enforceInterface)
 
 
 def test_an_unknown_method_is_unknown_transaction(cluster, proc):

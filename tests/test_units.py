@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_parcel_round_trip_with_buffers_and_objects():
     payload = bytes(range(256)) * 64
     value = {"small": b"abc", "big": payload, "items": [1, payload, parcel.ObjectRef(2, 9)]}
     encoded = parcel.encode(value)
-    assert len(encoded.buffers) == 2 and encoded.objects == [(2, 9)]
+    assert len(encoded.buffers) == 2 and encoded.objects == [(2, 9, 0)]
     out = bytearray(encoded.size)
     assert encoded.write_into(out) == encoded.size
     decoded, views = parcel.decode(memoryview(out))
@@ -297,7 +298,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
     busy = None
     try:
         broker.send(b"waiting")
-        assert recv_polling(ours, poller, 1.0) == (b"waiting", False)
+        assert recv_polling(ours, poller, 1.0, deque()) == (b"waiting", False)
 
         # Polled 2 ms, then blocked. A real yield here may run some other thread (a
         # kernel worker, another test's process) and so rightly end the poll early;
@@ -308,7 +309,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
             patch.setattr(os, "sched_yield", lambda: None)
             patch.setattr(thread_state, "SHARED_CPU_YIELD", 1.0)
             threading.Timer(0.02, broker.send, [b"late"]).start()
-            assert recv_polling(ours, poller, 0.002) == (b"late", True)
+            assert recv_polling(ours, poller, 0.002, deque()) == (b"late", True)
 
         cpu = min(cpus)
         busy = subprocess.Popen(
@@ -318,7 +319,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
         os.sched_setaffinity(0, {cpu})
         threading.Timer(0.4, broker.send, [b"shared"]).start()
         # it arrives after the spin, but the poll gave way and blocked first
-        assert recv_polling(ours, poller, 0.2) == (b"shared", False)
+        assert recv_polling(ours, poller, 0.2, deque()) == (b"shared", False)
     finally:
         os.sched_setaffinity(0, cpus)
         if busy is not None:

@@ -248,7 +248,7 @@ def test_a_release_behind_a_call_waiting_for_room_waits_with_it(cluster, proc, r
     with pybinder.connect(cluster.socket) as other:
         recorded = other.get_service("test", ITest, timeout=10).recorded
         assert eventually(lambda: len(recorded()) == 3)
-        assert isinstance(recorded()[2], pybinder.BinderProxy)  # the service itself
+        assert isinstance(recorded()[2], ITest.Proxy)  # the service itself
     with pytest.raises(pybinder.BinderError):  # and then this process's handle went
         service.recorded()
     words.release()

@@ -15,3 +15,23 @@ def eventually(condition: Callable[[], object], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def loopers(entry: dict) -> int:
+    """How many loopers a process's ``status`` entry counts (busy and idle)."""
+    return int(entry["loopers"]["busy"] + entry["loopers"]["idle"])
+
+
+def fill_thread_pool(service: object, calls: int, seconds: float = 0.3) -> None:
+    """Make ``calls`` concurrent ``service.sleep(seconds)`` calls, so that the server's
+    broker asks it for loopers (BR_SPAWN_LOOPER) up to its max_threads."""
+    import threading
+
+    threads = [
+        threading.Thread(target=service.sleep, args=(seconds,))  # type: ignore[attr-defined]
+        for _ in range(calls)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)

@@ -26,8 +26,10 @@ from pybinder.protocol import MAX_MESSAGE
 
 #: SO_PEERCRED's (pid, uid, gid).
 PEERCRED: Final = struct.Struct("3i")
-#: The most descriptors one message may carry (SCM_RIGHTS); more cut it short.
-MAX_FDS: Final = 4
+#: The most descriptors one message may carry (SCM_RIGHTS): the kernel's SCM_MAX_FD.
+#: More cut it short (the kernel closes the rest); the fds_per_transaction quota is
+#: lower.
+MAX_FDS: Final = 253
 ANCILLARY: Final = socket.CMSG_SPACE(MAX_FDS * 4)
 TRUNCATED: Final = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 

@@ -195,6 +195,10 @@ class Broker:
             protocol.BC_FREE_BUFFER: router.free_buffer,
             protocol.BC_RELEASE: router.release,
             protocol.BC_PARCEL_READY: router.parts.ready,
+            protocol.BC_REQUEST_DEATH_NOTIFICATION: router.request_death_notification,
+            protocol.BC_CLEAR_DEATH_NOTIFICATION: router.clear_death_notification,
+            protocol.BC_SET_MAX_THREADS: router.set_max_threads,
+            protocol.BC_REGISTER_LOOPER: router.register_looper,
         }
 
     # -- life cycle -------------------------------------------------------------------
@@ -371,8 +375,9 @@ class Broker:
         else:
             shown = list(router.processes_of_uid.get(caller.uid, ()))
         processes = []
+        now = time.monotonic()
         for process in shown:
-            entry: dict[str, Any] = dict(process.status())
+            entry: dict[str, Any] = process.status(now)
             entry["services"] = sm.services_of(process)
             processes.append(entry)
         return {
@@ -521,8 +526,19 @@ class Broker:
             self._close_pending()
 
     def _sweep(self) -> None:
-        """Fail parcels in parts whose sender stopped sending (parts_timeout_s)."""
-        self.router.parts.expire(time.monotonic() - self.quotas.parts_timeout_s)
+        """Fail parcels in parts whose sender stopped sending (parts_timeout_s), and
+        warn of processes whose loopers are all busy while calls queue."""
+        now = time.monotonic()
+        self.router.parts.expire(now - self.quotas.parts_timeout_s)
+        for process, waited in self.router.starving(now):
+            log.warning(
+                "pid %d: all %d of its loopers (max_threads %d) have been busy while calls"
+                " queued for %.1f s: thread-pool starvation",
+                process.pid,
+                process.loopers,
+                process.max_threads,
+                waited,
+            )
         self.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     def _read(self, conn: Connection) -> None:
@@ -542,9 +558,12 @@ class Broker:
             for fd in fds:  # any not consumed by a command
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            fds.clear()  # the thread's view of them (ThreadRecord.fds) too
 
     def _handle_message(self, conn: Connection, data: bytes, fds: list[int]) -> None:
         router, thread = self.router, conn.thread
+        if thread is not None:
+            thread.fds = fds  # a transaction or reply takes them (ThreadRecord.take_fds)
         try:
             for command in protocol.decode(data):
                 op = command[0]
@@ -605,6 +624,7 @@ class Broker:
         self._said_hello(conn)
         self.router.add_process(process)
         self._process_conns[key] = conn
+        process.conn = conn
         self._region_bytes += size
         self._region_bytes_of_uid[conn.uid] = self._region_bytes_of_uid.get(conn.uid, 0) + size
         conn.process = process

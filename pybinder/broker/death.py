@@ -2,12 +2,16 @@
 binder_deferred_release).
 
 Whatever the dead one was doing is abandoned: callers waiting on it get
-BR_DEAD_REPLY (DeadObjectError in the runtime), its queued and waiting calls are
-answered or dropped, and every buffer, handle, node, name and region it held is
-released. The cost is O(what it held), not O(every process).
+BR_DEAD_REPLY (DeadObjectError in the runtime), every process linked to one of its
+nodes gets BR_DEAD_BINDER, its queued and waiting calls are answered or dropped, and
+every buffer, descriptor, handle, node, name and region it held is released. The
+cost is O(what it held), not O(every process).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 from pybinder import protocol
 from pybinder.broker.process import ProcessRecord, ThreadRecord
@@ -23,6 +27,7 @@ def thread_exited(router: Router, thread: ThreadRecord) -> None:
     thread.alive = False
     router.parts.drop(thread)
     process = thread.process
+    router.exit_looper(thread)
     if thread in process.threads:
         process.threads.remove(thread)
     while thread.incoming:
@@ -30,6 +35,10 @@ def thread_exited(router: Router, thread: ThreadRecord) -> None:
     if thread.outgoing is not None:
         thread.outgoing.from_thread = None
         thread.outgoing = None
+    for _, fds in thread.backlog:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     thread.backlog.clear()
     if thread.waiting_oneway is not None:
         waiting = thread.waiting_oneway
@@ -37,8 +46,9 @@ def thread_exited(router: Router, thread: ThreadRecord) -> None:
         target = waiting.target
         if waiting in target.space_waiters:
             target.space_waiters.remove(waiting)
+        router.close_span_fds(waiting.span, process.uid)
     for buffer in [b for b in process.buffers.values() if b.thread is thread]:
-        process.free(buffer)
+        router.free(process, buffer)
     thread.drop_areas()
     if router.service_manager is not None:
         router.service_manager.forget_thread(thread)
@@ -56,7 +66,8 @@ def _dead_reply(router: Router, txn: Transaction) -> None:
     caller = txn.from_thread
     if caller is not None and caller.outgoing is txn:
         caller.outgoing = None
-        router.send(caller, protocol.encode(BR_DEAD_REPLY))
+        ref = caller.process.ref_of_node.get(txn.node)
+        router.send(caller, protocol.encode(BR_DEAD_REPLY, 0 if ref is None else ref.handle))
 
 
 def process_died(router: Router, process: ProcessRecord) -> None:
@@ -76,15 +87,18 @@ def process_died(router: Router, process: ProcessRecord) -> None:
     while process.todo:
         _dead_reply(router, process.todo.popleft())
     for node in process.nodes.values():
+        router.send_death_notices(node)
         while node.async_todo:  # a two-way call queued behind oneway ones waits here too
             _dead_reply(router, node.async_todo.popleft())
     while process.space_waiters:
         txn = process.space_waiters.popleft()
         sender = txn.from_thread
+        if sender is not None:
+            router.close_span_fds(txn.span, sender.process.uid)
         if sender is not None and sender.waiting_oneway is txn:
             sender.waiting_oneway = None
             sender.window_call = bool(txn.flags & TF_WINDOW)
-            router.dead_reply_to(sender)
+            router.dead_reply_to(sender, txn.node)
             sender.window_call = False
             if sender.backlog:
                 router.run_backlog(sender)
@@ -92,5 +106,8 @@ def process_died(router: Router, process: ProcessRecord) -> None:
         router.service_manager.forget_process(process)
     for ref in list(process.refs.values()):
         router.drop_ref(ref)
+    buffers = list(process.buffers.values())
     process.buffers.clear()
+    for buffer in buffers:  # queued calls' descriptors, and the nodes they pinned
+        router.let_go(buffer)
     process.region.close()

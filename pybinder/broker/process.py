@@ -8,6 +8,7 @@ they cannot refer to classes of a module imported only for type checking.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,16 +49,24 @@ class Node:
         async_busy: how many transactions of this node's oneway lane are delivered and
             not yet done (a batch of oneway calls goes to one looper at once).
         oneway_senders: per sending thread, its oneway calls to this node not yet done.
+        descriptor: its interface descriptor, as the owner's first parcel with it
+            named it ("" if unknown).
+        pinned: buffers that carry it and are not yet freed: each holds it, as
+            binder's transaction buffers hold their objects.
+        death_links: the refs whose processes asked for BR_DEAD_BINDER when it dies.
     """
 
     owner: ProcessRecord
     local_id: int
+    descriptor: str = ""
     holders: int = 0
+    pinned: int = 0
     received: int = 0
     active: int = 0
     async_todo: deque[Transaction] = field(default_factory=deque)
     async_busy: int = 0
     oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
+    death_links: dict[Ref, None] = field(default_factory=dict)
 
     @property
     def dead(self) -> bool:
@@ -70,7 +79,8 @@ class Ref:
 
     ``call_denied``: the process got it by a name lookup the access policy lets it
     make but whose calls it denies; a delivery of the node in a parcel (a
-    capability, as in Binder) clears it.
+    capability, as in Binder) clears it. ``death_linked``: the process asked for
+    BR_DEAD_BINDER when the node dies (BC_REQUEST_DEATH_NOTIFICATION).
     """
 
     process: ProcessRecord
@@ -78,6 +88,7 @@ class Ref:
     node: Node
     count: int = 0
     call_denied: bool = False
+    death_linked: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +101,10 @@ class Buffer:
         thread: the thread it was delivered to, which must free it; None while queued.
         sender: the process whose call it holds, counted against its share of the
             region (None for replies and the broker's own parcels).
+        nodes: the nodes its parcel carries, each pinned until it is freed.
+        fds: the descriptors that go with its parcel, the broker's until it is
+            delivered (sent with its BR_TRANSACTION or BR_REPLY) or freed.
+        fd_uid: the uid whose fds_per_uid quota counts ``fds``.
     """
 
     offset: int
@@ -97,6 +112,9 @@ class Buffer:
     is_async: bool
     thread: ThreadRecord | None = None
     sender: ProcessRecord | None = None
+    nodes: list[Node] | None = None
+    fds: list[int] | None = None
+    fd_uid: int = 0
 
 
 class SharedArea:
@@ -167,14 +185,26 @@ class ThreadRecord:
         self.outgoing: Transaction | None = None
         self.waiting_oneway: Transaction | None = None
         self.is_looper = False
+        self.in_pool = False
         self.alive = True
         self.areas: list[SharedArea | None] = [None, None]
         self.parts: Parts | None = None
-        self.backlog: list[tuple[int, ...]] = []
+        self.backlog: list[tuple[tuple[int, ...], list[int]]] = []  # (command, its fds)
         self.settled = 0
         self.settle_failures = 0
         self.window_call = False
         self.sm_waits = 0  # its get_service calls waiting in the service manager
+        self.fds: list[int] = []  # descriptors of the message being handled, not yet taken
+
+    def take_fds(self) -> list[int]:
+        """The descriptors that came with the message being handled, now the caller's
+        (the daemon closes those nobody takes)."""
+        fds = self.fds
+        if not fds:
+            return []
+        taken = list(fds)
+        fds.clear()
+        return taken
 
     @property
     def idle(self) -> bool:
@@ -241,6 +271,16 @@ class ProcessRecord:
         async_space: bytes of the region oneway transactions may use: half of it, as
             binder's async space.
         async_free: the part of ``async_space`` not in use now.
+        conn: the daemon's Connection for the process connection, where process-wide
+            returns go (BR_RELEASE_NODE, BR_DEAD_BINDER, BR_SPAWN_LOOPER); None in
+            tests that build records directly.
+        loopers: its threads that entered the looper.
+        pool_loopers: those of its thread pool (BC_REGISTER_LOOPER): a thread that
+            joins the pool itself (``join_thread_pool``) does not count.
+        max_threads: the most pool loopers it asked for (BC_SET_MAX_THREADS); the
+            broker asks for one more (BR_SPAWN_LOOPER) while work waits and all are busy.
+        spawn_pending: loopers asked for and not yet entered (at most one at a time).
+        starved_since: when calls began to queue with every looper busy (0: not now).
     """
 
     def __init__(self, key: int, pid: int, uid: int, gid: int, region_size: int) -> None:
@@ -263,6 +303,12 @@ class ProcessRecord:
         self.ref_of_node: dict[Node, Ref] = {}
         self.next_handle = 1
         self.notifications: list[bytes] = []
+        self.conn: Any = None
+        self.loopers = 0
+        self.pool_loopers = 0
+        self.max_threads = 0
+        self.spawn_pending = 0
+        self.starved_since = 0.0
         self.dead = False
         self.transactions_sent = 0
         self.transactions_received = 0
@@ -353,8 +399,11 @@ class ProcessRecord:
         if sender is not None:
             count_down(self.held, sender, buffer.size)
 
-    def status(self) -> dict[str, int | str]:
-        """Counters for ``pybinder status`` (sizes in bytes)."""
+    def status(self, now: float) -> dict[str, Any]:
+        """Counters and the object graph for ``pybinder status`` (sizes in bytes,
+        ages in seconds since ``now``, a time.monotonic()). The lists show at most
+        :data:`STATUS_LIST_LIMIT` entries each; ``*_count`` give the totals."""
+        busy = sum(1 for t in self.threads if t.is_looper and not t.idle)
         return {
             "pid": self.pid,
             "uid": self.uid,
@@ -362,10 +411,64 @@ class ProcessRecord:
             "region_size": self.region_size,
             "region_in_use": self.allocator.in_use,
             "threads": len(self.threads),
-            "loopers": sum(1 for t in self.threads if t.is_looper),
-            "nodes": len(self.nodes),
-            "refs": len(self.refs),
+            "loopers": {
+                "busy": busy,
+                "idle": self.loopers - busy,
+                "max_threads": self.max_threads,
+            },
+            "nodes": [_node_status(n) for n in _first(self.nodes.values())],
+            "nodes_count": len(self.nodes),
+            "refs": [_ref_status(r) for r in _first(self.refs.values())],
+            "refs_count": len(self.refs),
+            "death_links": [r.handle for r in _first(self.refs.values()) if r.death_linked],
+            "pending": self._pending(now),
             "transactions_sent": self.transactions_sent,
             "transactions_received": self.transactions_received,
             "bytes_copied_in": self.bytes_copied_in,
         }
+
+    def _pending(self, now: float) -> list[dict[str, Any]]:
+        """Transactions to this process not yet answered: queued, then running."""
+        queued = list(_first(self.todo))
+        for node in _first(self.nodes.values()):
+            queued.extend(_first(node.async_todo))
+        running = [txn for thread in self.threads for txn in thread.incoming]
+        return [
+            _transaction_status(txn, state, now)
+            for state, txns in (("queued", queued), ("running", running))
+            for txn in _first(txns)
+        ]
+
+
+#: The most entries each list in a process's status shows.
+STATUS_LIST_LIMIT = 256
+
+
+def _first(items: Any) -> list[Any]:
+    return list(itertools.islice(items, STATUS_LIST_LIMIT))
+
+
+def _node_status(node: Node) -> dict[str, Any]:
+    return {"id": node.local_id, "descriptor": node.descriptor, "refs": node.holders}
+
+
+def _ref_status(ref: Ref) -> dict[str, Any]:
+    node = ref.node
+    return {
+        "handle": ref.handle,
+        "node": {"pid": node.owner.pid, "id": node.local_id, "descriptor": node.descriptor},
+        "count": ref.count,
+        "death_link": ref.death_linked,
+    }
+
+
+def _transaction_status(txn: Transaction, state: str, now: float) -> dict[str, Any]:
+    return {
+        "state": state,
+        "node": txn.node.local_id,
+        "descriptor": txn.node.descriptor,
+        "code": txn.code,
+        "oneway": txn.oneway,
+        "from_pid": txn.sender_pid,
+        "age_s": round(now - txn.started, 3),
+    }

@@ -74,6 +74,12 @@ class Quotas:
     service_manager_parcel: int = _quota(
         64 * 1024, "largest parcel a process may send to the service manager, bytes"
     )
+    fds_per_transaction: int = _quota(
+        64, "file descriptors one call or reply may carry (applies to root too; at most 253)"
+    )
+    fds_per_uid: int = _quota(
+        4096, "file descriptors of one uid's calls the broker may hold, sent and not yet delivered"
+    )
     exempt_root: bool = True
 
     def applies_to(self, uid: int) -> bool:

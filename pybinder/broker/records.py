@@ -5,6 +5,9 @@ object, not loose integers.
 
 from __future__ import annotations
 
+import os
+import time
+
 from pybinder.broker.process import Buffer, Node, ProcessRecord, SharedArea, ThreadRecord
 from pybinder.parcel import HEADER
 from pybinder.protocol import TF_ONE_WAY
@@ -17,9 +20,12 @@ class ParcelSpan:
 
     A span comes from a client, so nothing about it is trusted: :meth:`lies_in`
     checks it against the areas as they are mapped at the moment it is asked.
+
+    ``fds`` are the descriptors that came with the parcel (SCM_RIGHTS), the
+    broker's to close until its copy takes them into a buffer.
     """
 
-    __slots__ = ("head_offset", "size", "tail_len", "tail_offset")
+    __slots__ = ("fds", "head_offset", "size", "tail_len", "tail_offset")
 
     def __init__(
         self, size: int, tail_offset: int = 0, tail_len: int = 0, head_offset: int = 0
@@ -28,6 +34,7 @@ class ParcelSpan:
         self.tail_offset = tail_offset
         self.tail_len = tail_len
         self.head_offset = head_offset
+        self.fds: list[int] = _NO_FDS
 
     @property
     def head_len(self) -> int:
@@ -50,6 +57,9 @@ class ParcelSpan:
         )
 
 
+_NO_FDS: list[int] = []  # shared by every span without descriptors; never changed
+
+
 class Transaction:
     """One call on its way (binder_transaction).
 
@@ -67,6 +77,8 @@ class Transaction:
         in_async_lane: it runs in its node's one-at-a-time oneway lane: every oneway
             call, and a two-way call sent behind oneway calls of the same thread.
         batch: the oneway calls of its lane handed to the same looper with it.
+        started: when it was sent (time.monotonic(), seconds), for its age in status
+            and the starvation warning.
     """
 
     __slots__ = (
@@ -84,6 +96,7 @@ class Transaction:
         "sender_pid",
         "sender_uid",
         "span",
+        "started",
         "to_thread",
     )
 
@@ -93,25 +106,30 @@ class Transaction:
         code: int,
         flags: int,
         span: ParcelSpan,
-        from_thread: ThreadRecord,
+        from_thread: ThreadRecord | None,
         parent: Transaction | None,
     ) -> None:
-        process = from_thread.process
         self.node = node
         self.code = code
         self.flags = flags
         self.span = span
         self.from_thread: ThreadRecord | None = from_thread
         self.origin: ThreadRecord | None = from_thread
-        self.sender_pid = process.pid
-        self.sender_uid = process.uid
-        self.sender_gid = process.gid
+        if from_thread is None:  # a call the broker makes itself
+            self.sender_pid, self.sender_uid = os.getpid(), os.getuid()
+            self.sender_gid = os.getgid()
+        else:
+            process = from_thread.process
+            self.sender_pid = process.pid
+            self.sender_uid = process.uid
+            self.sender_gid = process.gid
         self.parent = parent
         self.oneway = bool(flags & TF_ONE_WAY)
         self.in_async_lane = self.oneway
         self.buffer: Buffer | None = None
         self.to_thread: ThreadRecord | None = None
         self.batch: list[Transaction] | None = None
+        self.started = time.monotonic()
 
     @property
     def target(self) -> ProcessRecord:

@@ -16,9 +16,12 @@ The :class:`Router` is the driver's core. It receives each thread's BC_* command
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from pybinder import protocol
 from pybinder.broker.one_copy import copy_parcel, streams
@@ -46,14 +49,17 @@ from pybinder.protocol import (
     BC_RELEASE,
     BC_REPLY,
     BC_TRANSACTION,
+    BR_DEAD_BINDER,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
     BR_RELEASE_NODE,
     BR_REPLY,
+    BR_SPAWN_LOOPER,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
     MAX_BACKLOG,
+    MAX_THREADS_LIMIT,
     SERVICE_MANAGER_HANDLE,
     TF_ONE_WAY,
     TF_PARTS,
@@ -77,8 +83,13 @@ MAX_BATCH: Final = 32
 _PARTS_FLAGS: Final = TF_PARTS | TF_RING
 _PARTS_OR_ONEWAY: Final = TF_PARTS | TF_ONE_WAY
 
-#: Delivers one message to a thread's connection (``ThreadRecord.conn``).
-Sender = Callable[[Any, bytes], None]
+#: How long calls may queue while every looper of their process is busy before the
+#: broker logs thread-pool starvation, in seconds.
+STARVATION_S: Final = 1.0
+
+#: Delivers one message to a connection (``ThreadRecord.conn``, ``ProcessRecord.conn``),
+#: with descriptors to pass (SCM_RIGHTS) when a third argument is given.
+Sender = Callable[..., None]
 
 
 class Router:
@@ -101,6 +112,7 @@ class Router:
         self.buffer_bytes_copied = 0
         self.oneway_batched = 0  # oneway calls handed over in a batch behind another
         self.parcels_streamed = 0  # copied with streaming stores (one_copy.STREAM_MIN)
+        self.fds_of_uid: dict[int, int] = {}  # descriptors the broker holds per sender uid
 
     def add_process(self, process: ProcessRecord) -> None:
         """Admit a process that said hello."""
@@ -115,6 +127,25 @@ class Router:
             if thread.process.notifications:
                 self.flush_notifications(thread)
             self._send(thread.conn, message)
+
+    def send_with_fds(self, thread: ThreadRecord, message: bytes, buffers: list[Buffer]) -> None:
+        """Send ``message`` to ``thread`` with the descriptors of ``buffers`` (their
+        parcels are in it), then close the broker's copies: they are the receiver's."""
+        fds: list[int] = []
+        for buffer in buffers:
+            if buffer.fds is not None:
+                fds.extend(buffer.fds)
+        if not fds:
+            self.send(thread, message)
+            return
+        try:
+            if thread.alive:
+                if thread.process.notifications:
+                    self.flush_notifications(thread)
+                self._send(thread.conn, message, fds)
+        finally:
+            for buffer in buffers:
+                self.close_fds(buffer)
 
     def flush_notifications(self, thread: ThreadRecord) -> None:
         """Send ``thread`` the notifications queued for its process."""
@@ -140,10 +171,11 @@ class Router:
         if thread.window_call:
             thread.settle(True)
 
-    def dead_reply_to(self, thread: ThreadRecord) -> None:
-        """Tell ``thread`` its call's target has died (and count a windowed call as
-        settled, failed)."""
-        self.send(thread, protocol.encode(BR_DEAD_REPLY))
+    def dead_reply_to(self, thread: ThreadRecord, node: Node | None = None) -> None:
+        """Tell ``thread`` its call's target ``node`` has died, naming the thread's
+        handle to it (and count a windowed call as settled, failed)."""
+        ref = None if node is None else thread.process.ref_of_node.get(node)
+        self.send(thread, protocol.encode(BR_DEAD_REPLY, 0 if ref is None else ref.handle))
         if thread.window_call:
             thread.settle(True)
 
@@ -153,8 +185,15 @@ class Router:
         self.send(thread, protocol.encode(BR_ERROR, CODE_OF_ERROR[ProtocolError], 0, 0))
 
     def notify(self, process: ProcessRecord, message: bytes) -> None:
-        """Deliver a process-wide notification: to an idle looper now, or with the
-        next message any of its threads receives."""
+        """Deliver a process-wide return (BR_RELEASE_NODE, BR_DEAD_BINDER,
+        BR_SPAWN_LOOPER) on the process connection, which a runtime thread reads;
+        without one (records built in tests), to an idle looper now, or with the next
+        message any of its threads receives."""
+        if process.dead:
+            return
+        if process.conn is not None:
+            self._send(process.conn, message)
+            return
         looper = process.idle_looper()
         if looper is not None:
             self.send(looper, message)
@@ -188,6 +227,12 @@ class Router:
             return
         span = ParcelSpan(size, tail_offset, tail_len, head_offset)
         thread.window_call = bool(flags & TF_WINDOW) and flags & _PARTS_OR_ONEWAY == TF_ONE_WAY
+        if thread.fds:
+            error = self._take_fds(thread, span)
+            if error is not None:
+                self.fail(thread, error)
+                thread.window_call = False
+                return
         try:  # while it is set, a failure also settles the windowed call
             process = thread.process
             process.transactions_sent += 1
@@ -203,7 +248,7 @@ class Router:
                 self.fail(thread, SecurityError("the access policy denies calls to this service"))
                 return
             if ref.node.dead:
-                self.dead_reply_to(thread)
+                self.dead_reply_to(thread, ref.node)
                 return
             parent = thread.incoming[-1] if thread.incoming else None
             txn = Transaction(ref.node, code, flags, span, thread, parent)
@@ -214,6 +259,43 @@ class Router:
                 self._start_two_way(txn)
         finally:
             thread.window_call = False
+            if span.fds and not _waits_with(thread, span):
+                self.close_span_fds(span, thread.process.uid)
+
+    # -- descriptors (SCM_RIGHTS) --------------------------------------------------
+
+    def _take_fds(self, thread: ThreadRecord, span: ParcelSpan) -> QuotaExceededError | None:
+        """Give ``span`` the descriptors that came with ``thread``'s message, within
+        fds_per_transaction and fds_per_uid; if over, close them and return the error."""
+        fds = thread.take_fds()
+        quotas, uid = self.quotas, thread.process.uid
+        held = self.fds_of_uid.get(uid, 0) + len(fds)
+        error = None
+        if quotas.fds_per_transaction and len(fds) > quotas.fds_per_transaction:
+            error = quotas.error("fds_per_transaction", f"{len(fds)} descriptors in one call")
+        elif quotas.over("fds_per_uid", uid, held):
+            error = quotas.error("fds_per_uid", f"uid {uid}'s descriptors in flight")
+        if error is not None:
+            _close_all(fds)
+            return error
+        self.fds_of_uid[uid] = held
+        span.fds = fds
+        return None
+
+    def close_span_fds(self, span: ParcelSpan, uid: int) -> None:
+        """Close the descriptors of a parcel of ``uid``'s that will not be delivered."""
+        fds, span.fds = span.fds, []
+        if fds:
+            count_down(self.fds_of_uid, uid, len(fds))
+            _close_all(fds)
+
+    def close_fds(self, buffer: Buffer) -> None:
+        """Close a buffer's descriptors (sent with it, or never to be) and count them
+        off their sender's uid."""
+        fds, buffer.fds = buffer.fds, None
+        if fds:
+            count_down(self.fds_of_uid, buffer.fd_uid, len(fds))
+            _close_all(fds)
 
     def _to_service_manager(
         self, thread: ThreadRecord, code: int, flags: int, span: ParcelSpan
@@ -328,14 +410,20 @@ class Router:
         if len(thread.backlog) >= MAX_BACKLOG:
             self.protocol_error(thread, ProtocolError("too many commands behind a waiting call"))
             return
-        thread.backlog.append(command)
+        fds = thread.take_fds() if command[0] in (BC_TRANSACTION, BC_REPLY) else []
+        thread.backlog.append((command, fds))
 
     def run_backlog(self, thread: ThreadRecord) -> None:
         """Run the commands :meth:`hold` kept for ``thread``, in order, until one of
         them waits for room again."""
         backlog = thread.backlog
         while backlog and thread.waiting_oneway is None and thread.alive:
-            self.run_command(thread, backlog.pop(0))
+            command, fds = backlog.pop(0)
+            thread.fds = fds
+            try:
+                self.run_command(thread, command)
+            finally:
+                _close_all(thread.take_fds())  # any the command did not take
 
     def run_command(self, thread: ThreadRecord, command: tuple[int, ...]) -> None:
         """Run a BC_TRANSACTION, BC_REPLY or BC_PARCEL_READY of ``thread`` (or a
@@ -410,15 +498,24 @@ class Router:
             try:
                 copy_parcel(sender, region, buffer.offset, span)
             except ProtocolError:
-                target.free(buffer)
+                self.free(target, buffer)
                 raise
         start = buffer.offset
         dest = region.view[start : start + size]
         try:
             header = parse_header(dest)
+            fds = span.fds
             if header.n_objects:
                 objects = read_objects(dest, header)
-                translate(sender.process, target, dest, objects, self.quotas)
+                nodes = translate(
+                    sender.process, target, dest, header, objects, self.quotas, len(fds)
+                )
+                if nodes:
+                    self._pin(buffer, nodes)
+            elif fds:
+                raise ProtocolError(f"{len(fds)} descriptors came with a parcel naming none")
+            if fds:
+                buffer.fds, buffer.fd_uid, span.fds = fds, sender.process.uid, []
             self.bytes_copied += size
             if streams(size):
                 self.parcels_streamed += 1
@@ -426,11 +523,37 @@ class Router:
             if header.n_buffers:
                 self._count_buffers(dest, header.n_buffers, header.buffer_table)
         except (ProtocolError, QuotaExceededError):
-            target.free(buffer)
+            self.free(target, buffer)
             raise
         finally:
             dest.release()
         return buffer
+
+    @staticmethod
+    def _pin(buffer: Buffer, nodes: list[Node]) -> None:
+        """Hold ``nodes`` while ``buffer`` lives, as binder's transaction buffers hold
+        their objects: a node on its way home cannot be released under its parcel."""
+        for node in nodes:
+            node.pinned += 1
+        buffer.nodes = nodes
+
+    def free(self, process: ProcessRecord, buffer: Buffer) -> None:
+        """Free ``buffer`` of ``process``: unpin its nodes (one may then be released)
+        and close any descriptors it still holds."""
+        process.free(buffer)
+        self.let_go(buffer)
+
+    def let_go(self, buffer: Buffer) -> None:
+        """Unpin ``buffer``'s nodes and close its descriptors (its region is gone or
+        it is freed)."""
+        if buffer.fds is not None:
+            self.close_fds(buffer)
+        nodes, buffer.nodes = buffer.nodes, None
+        if nodes is not None:
+            for node in nodes:
+                node.pinned -= 1
+                if not node.pinned:
+                    self.maybe_release(node)
 
     def _count_buffers(self, dest: memoryview, n_buffers: int, table: int) -> None:
         for i in range(n_buffers):
@@ -472,12 +595,15 @@ class Router:
                 self.dispatch(target)
 
     def dispatch(self, process: ProcessRecord) -> None:
-        """Give queued transactions to idle loopers, and flush notifications."""
+        """Give queued transactions to idle loopers, and flush notifications; if work
+        still waits, ask for a looper (:meth:`_spawn_if_starved`)."""
         while process.todo:
             looper = process.idle_looper()
             if looper is None:
+                self._spawn_if_starved(process)
                 return
             self._start_on(looper, process.todo.popleft())
+        process.starved_since = 0.0
         if process.notifications:
             looper = process.idle_looper()
             if looper is not None:
@@ -489,13 +615,22 @@ class Router:
         if batch is None:
             message = self._handed(thread, txn)
             thread.incoming.append(txn)
+            buffer = txn.buffer
+            if buffer is not None and buffer.fds is not None:
+                self.send_with_fds(thread, message, [buffer])
+                return
         else:
             txn.batch = None
             self.oneway_batched += len(batch)
-            message = b"".join([self._handed(thread, one) for one in [txn, *batch]])
+            handed = [txn, *batch]
+            message = b"".join([self._handed(thread, one) for one in handed])
             # Answered first to last: each BC_REPLY finishes the innermost (last) one.
             thread.incoming.extend(reversed(batch))
             thread.incoming.append(txn)
+            buffers = [one.buffer for one in handed if one.buffer is not None]
+            if any(b.fds is not None for b in buffers):
+                self.send_with_fds(thread, message, buffers)
+                return
         self.send(thread, message)
 
     def _handed(self, thread: ThreadRecord, txn: Transaction) -> bytes:
@@ -540,13 +675,22 @@ class Router:
         if not thread.incoming:
             self.protocol_error(thread, ProtocolError("BC_REPLY with no transaction to answer"))
             return
+        span = ParcelSpan(size, tail_offset, tail_len)
+        error = self._take_fds(thread, span) if thread.fds else None
         txn = thread.incoming.pop()
         caller = txn.from_thread
         if not txn.oneway and caller is not None and caller.outgoing is txn:
             caller.outgoing = None
-            self._send_reply(thread, caller, size, tail_offset, tail_len, prefilled)
+            if error is None:
+                self._send_reply(thread, caller, span, prefilled)
+            else:
+                self.fail(caller, error)
+                if prefilled is not None:
+                    self.free(caller.process, prefilled)
         elif prefilled is not None and caller is not None and not caller.process.dead:
-            caller.process.free(prefilled)  # nobody waits for it any more
+            self.free(caller.process, prefilled)  # nobody waits for it any more
+        if span.fds:
+            self.close_span_fds(span, thread.process.uid)
         self.finish(txn)  # after the reply is on its way: the caller need not wait for it
         if thread.idle:
             thread.process.became_idle(thread)
@@ -556,19 +700,21 @@ class Router:
         self,
         thread: ThreadRecord,
         caller: ThreadRecord,
-        size: int,
-        tail_offset: int,
-        tail_len: int,
+        span: ParcelSpan,
         prefilled: Buffer | None,
     ) -> None:
+        size = span.size
         try:
-            span = ParcelSpan(size, tail_offset, tail_len)
             buffer = self._copy(thread, caller.process, span, False, prefilled)
         except BinderError as exc:
             self.fail(caller, exc, size, _limit_of(exc))
             return
         buffer.thread = caller
-        self.send(caller, _BR_REPLY.pack(BR_REPLY, buffer.offset, size))
+        message = _BR_REPLY.pack(BR_REPLY, buffer.offset, size)
+        if buffer.fds is not None:
+            self.send_with_fds(caller, message, [buffer])
+        else:
+            self.send(caller, message)
         if caller.is_looper and caller.idle:
             caller.process.became_idle(caller)
 
@@ -593,6 +739,30 @@ class Router:
         process.bytes_copied_in += encoded.size
         buffer.thread = thread
         self.send(thread, protocol.encode(BR_REPLY, buffer.offset, encoded.size))
+
+    def transact_from_broker(self, node: Node, code: int, body: object) -> bool:
+        """Send ``node`` a oneway call the broker makes itself (service notifications),
+        with the broker's credentials; its object entries are already in the
+        owner's terms (ObjectRefs). False if it does not fit the owner's async space
+        now (it is dropped)."""
+        target = node.owner
+        if target.dead:
+            return False
+        encoded = encode_parcel(body)
+        buffer = target.allocate(encoded.size, is_async=True)
+        if buffer is None:
+            return False
+        dest = target.region.view[buffer.offset : buffer.offset + encoded.size]
+        try:
+            encoded.write_into(dest)
+        finally:
+            dest.release()
+        self.bytes_copied += encoded.size
+        target.bytes_copied_in += encoded.size
+        txn = Transaction(node, code, TF_ONE_WAY, ParcelSpan(encoded.size), None, None)
+        txn.buffer = buffer
+        self._deliver(txn)
+        return True
 
     def finish(self, txn: Transaction) -> None:
         """Bookkeeping when a delivered transaction ends (answered or abandoned)."""
@@ -637,6 +807,8 @@ class Router:
             self.protocol_error(thread, error)
             return
         process.free(buffer)
+        if buffer.nodes is not None or buffer.fds is not None:
+            self.let_go(buffer)
         if process.space_waiters:
             self.retry_space_waiters(process)
 
@@ -655,25 +827,126 @@ class Router:
         process, node = ref.process, ref.node
         del process.refs[ref.handle]
         del process.ref_of_node[node]
+        if ref.death_linked:
+            node.death_links.pop(ref, None)
         node.holders -= 1
         self.maybe_release(node)
 
     def maybe_release(self, node: Node) -> None:
         """Tell the owner a node has no remote holders left (BR_RELEASE_NODE)."""
         owner = node.owner
-        if node.holders or node.active or node.async_todo or owner.dead:
+        if node.holders or node.active or node.pinned or node.async_todo or owner.dead:
             return
         if owner.nodes.get(node.local_id) is node:
             del owner.nodes[node.local_id]
             self.notify(owner, protocol.encode(BR_RELEASE_NODE, node.local_id, node.received))
 
     def enter_looper(self, thread: ThreadRecord) -> None:
-        thread.is_looper = True
-        thread.process.became_idle(thread)
-        self.dispatch(thread.process)
+        """BC_ENTER_LOOPER: ``thread`` takes new work (one asked for, if any was)."""
+        process = thread.process
+        if not thread.is_looper:
+            thread.is_looper = True
+            process.loopers += 1
+            if process.spawn_pending and thread.in_pool:
+                process.spawn_pending -= 1
+        process.became_idle(thread)
+        self.dispatch(process)
+
+    def register_looper(self, thread: ThreadRecord) -> None:
+        """BC_REGISTER_LOOPER: a looper of the process's pool (counts toward
+        max_threads), else as BC_ENTER_LOOPER."""
+        if not thread.in_pool:
+            thread.in_pool = True
+            thread.process.pool_loopers += 1
+        self.enter_looper(thread)
 
     def exit_looper(self, thread: ThreadRecord) -> None:
-        thread.is_looper = False
+        """BC_EXIT_LOOPER (and a looper's exit): it takes no new work."""
+        if thread.is_looper:
+            thread.is_looper = False
+            thread.process.loopers -= 1
+        if thread.in_pool:
+            thread.in_pool = False
+            thread.process.pool_loopers -= 1
+
+    # -- loopers on demand (BR_SPAWN_LOOPER) ---------------------------------------
+
+    def set_max_threads(self, thread: ThreadRecord, count: int) -> None:
+        """BC_SET_MAX_THREADS: the broker may ask ``thread``'s process for loopers up
+        to ``count`` (at most MAX_THREADS_LIMIT) while work waits."""
+        process = thread.process
+        process.max_threads = min(count, MAX_THREADS_LIMIT)
+        self.dispatch(process)
+
+    def _spawn_if_starved(self, process: ProcessRecord) -> None:
+        """Work waits and no looper is idle: ask for one more looper (one request at a
+        time, as binder's requested_threads), up to its max_threads; note when the
+        process began to starve."""
+        if not process.starved_since:
+            process.starved_since = time.monotonic()
+        if process.spawn_pending or process.pool_loopers >= process.max_threads:
+            return
+        process.spawn_pending = 1
+        self.notify(process, protocol.encode(BR_SPAWN_LOOPER))
+
+    def starving(self, now: float) -> list[tuple[ProcessRecord, float]]:
+        """Processes whose calls have queued for over STARVATION_S seconds while all
+        of their loopers were busy (thread-pool starvation), with how long, once per
+        episode. O(processes): the daemon's sweep timer asks once a second."""
+        found = []
+        for process in self.processes.values():
+            since = process.starved_since
+            if since and process.todo and now - since > STARVATION_S:
+                found.append((process, now - since))
+                process.starved_since = -1.0  # reported; reset once the queue drains
+        return found
+
+    # -- death notifications (BC_REQUEST_DEATH_NOTIFICATION) -------------------------
+
+    def request_death_notification(self, thread: ThreadRecord, handle: int) -> None:
+        """Send BR_DEAD_BINDER(handle) to ``thread``'s process when the handle's node
+        dies; at once if it is dead already.
+
+        Raises:
+            ProtocolError: the process holds no such handle.
+        """
+        process = thread.process
+        ref = process.refs.get(handle)
+        if ref is None:
+            raise ProtocolError(f"death notification for handle {handle}, which is not held")
+        if ref.node.dead:
+            self.notify(process, protocol.encode(BR_DEAD_BINDER, handle))
+            return
+        ref.death_linked = True
+        ref.node.death_links[ref] = None
+
+    def clear_death_notification(self, thread: ThreadRecord, handle: int) -> None:
+        """Cancel a death notification (a handle not held or not linked is ignored:
+        the runtime may clear after its ref went)."""
+        ref = thread.process.refs.get(handle)
+        if ref is not None and ref.death_linked:
+            ref.death_linked = False
+            ref.node.death_links.pop(ref, None)
+
+    def send_death_notices(self, node: Node) -> None:
+        """``node``'s owner died: BR_DEAD_BINDER to every process linked to it."""
+        links = node.death_links
+        node.death_links = {}
+        for ref in links:
+            ref.death_linked = False
+            self.notify(ref.process, protocol.encode(BR_DEAD_BINDER, ref.handle))
+
+
+def _waits_with(thread: ThreadRecord, span: ParcelSpan) -> bool:
+    """Whether ``thread``'s oneway call of ``span`` waits for room (and keeps its fds)."""
+    waiting = thread.waiting_oneway
+    return waiting is not None and waiting.span is span
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _too_large(target: ProcessRecord, size: int, is_async: bool) -> TransactionTooLargeError:

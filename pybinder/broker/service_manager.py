@@ -34,6 +34,7 @@ from pybinder.errors import (
     UnknownTransactionError,
     error_details,
 )
+from pybinder.parcel import OBJ_HANDLE
 from pybinder.protocol import (
     REPLY_BINDER_ERROR,
     REPLY_EXCEPTION,
@@ -69,6 +70,16 @@ class Service:
     node: Node
     uid: int
     pid: int
+
+
+@dataclass(eq=False)
+class Watch:
+    """A registration for notifications (registerForNotifications): ``process``'s
+    callback node, called when ``name`` is added (held: the entry counts as a holder)."""
+
+    name: str
+    node: Node
+    process: ProcessRecord
 
 
 @dataclass(eq=False)
@@ -112,12 +123,16 @@ class ServiceManager:
         self._sorted: list[str] | None = None  # the names, sorted; None once stale
         self._waiters: dict[str, list[Waiter]] = {}
         self._waiters_of: dict[ProcessRecord, int] = {}
+        self._watches: dict[str, list[Watch]] = {}
+        self._watches_of: dict[ProcessRecord, list[Watch]] = {}
         self._handlers: dict[int, Callable[..., Any]] = {
             protocol.SM_CHECK_SERVICE: self._check_service,
             protocol.SM_WAIT_FOR_SERVICE: self._wait_for_service,
             protocol.SM_ADD_SERVICE: self._add_service,
             protocol.SM_LIST_SERVICES: self._list_services,
             protocol.SM_STATUS: self._status_call,
+            protocol.SM_REGISTER_FOR_NOTIFICATIONS: self._register_for_notifications,
+            protocol.SM_UNREGISTER_FOR_NOTIFICATIONS: self._unregister_for_notifications,
         }
 
     # -- entry point ----------------------------------------------------------------
@@ -270,7 +285,7 @@ class ServiceManager:
         self._check_allowed("add", name, process, existing)
         self._check_names_quota(process, existing)
         check_object_quotas(process, process, [(binder.kind, binder.value)], self._router.quotas)
-        node = node_for_entry(process, binder.kind, binder.value)
+        node = node_for_entry(process, binder.kind, binder.value, binder.descriptor)
         node.holders += 1
         if existing is not None:
             self._remove(name, existing)
@@ -284,6 +299,90 @@ class ServiceManager:
             self._waited(waiter)
             if waiter.thread.alive:
                 self.reply(waiter.thread, self._found(waiter.thread.process, name, service))
+        for watch in list(self._watches.get(name, ())):
+            self._notify(watch, service)
+
+    # -- notifications (registerForNotifications) ------------------------------------
+
+    def _register_for_notifications(self, thread: ThreadRecord, name: str, callback: Any) -> None:
+        """Call ``callback`` (a pybinder.IServiceCallback node) with (name, binder)
+        each time ``name`` is added, and now if it exists. Registrations count
+        against waiters_per_process.
+
+        Raises:
+            SecurityError: the caller may not find ``name``.
+            QuotaExceededError: waiters_per_process.
+        """
+        name = _checked_name(name)
+        process = thread.process
+        node = self._callback_node(process, callback)
+        self._check_allowed("find", name, process, self.services.get(name))
+        watches = self._watches_of.get(process, [])
+        waiting = self._waiters_of.get(process, 0) + len(watches) + 1
+        quotas = self._router.quotas
+        if quotas.over("waiters_per_process", process.uid, waiting):
+            raise quotas.error("waiters_per_process", f"notifications for {name!r}")
+        node.holders += 1
+        watch = Watch(name, node, process)
+        self._watches.setdefault(name, []).append(watch)
+        self._watches_of.setdefault(process, []).append(watch)
+        service = self.services.get(name)
+        if service is not None:
+            self._notify(watch, service)
+
+    def _unregister_for_notifications(self, thread: ThreadRecord, name: str, callback: Any) -> None:
+        """Undo a registration of ``callback`` for ``name`` (none: nothing happens)."""
+        name = _checked_name(name)
+        process = thread.process
+        node = self._callback_node(process, callback)
+        for watch in self._watches.get(name, ()):
+            if watch.node is node and watch.process is process:
+                self._drop_watch(watch)
+                return
+
+    def _callback_node(self, process: ProcessRecord, callback: Any) -> Node:
+        if not isinstance(callback, parcel.ObjectRef):
+            raise TypeError(f"a notification callback is a binder object, not {type(callback)}")
+        check_entry(process, callback.kind, callback.value)
+        entry = [(callback.kind, callback.value)]
+        check_object_quotas(process, process, entry, self._router.quotas)
+        return node_for_entry(process, callback.kind, callback.value, callback.descriptor)
+
+    def _drop_watch(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.name)
+        if watches is not None and watch in watches:
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.name]
+        mine = self._watches_of.get(watch.process)
+        if mine is not None and watch in mine:
+            mine.remove(watch)
+            if not mine:
+                del self._watches_of[watch.process]
+        watch.node.holders -= 1
+        self._router.maybe_release(watch.node)
+
+    def _notify(self, watch: Watch, service: Service) -> None:
+        """Call ``watch``'s callback with the service (a oneway call from the broker)."""
+        owner = watch.node.owner
+        if owner.dead:
+            return
+        try:
+            self._check_allowed("find", watch.name, watch.process, service)
+            entry = self._handle_for(watch.process, watch.name, service)
+        except (SecurityError, QuotaExceededError) as exc:
+            log.warning("notification of %r to pid %d dropped: %s", watch.name, owner.pid, exc)
+            return
+        entry.descriptor = service.node.descriptor
+        body = [protocol.SERVICE_CALLBACK_DESCRIPTOR, [watch.name, entry], {}]
+        router = self._router
+        if not router.transact_from_broker(watch.node, protocol.FIRST_CALL_TRANSACTION, body):
+            log.warning("notification of %r to pid %d dropped: no room", watch.name, owner.pid)
+            ref = watch.process.refs.get(entry.value)
+            if entry.kind == OBJ_HANDLE and ref is not None:
+                ref.count -= 1  # the delivery counted for it never went
+                if ref.count <= 0:
+                    router.drop_ref(ref)
 
     def _found(self, process: ProcessRecord, name: str, service: Service) -> list[Any]:
         """The reply to a waiter whose name has just been added."""
@@ -344,6 +443,8 @@ class ServiceManager:
         self._names_of.pop(process, None)
         self._waiters_of.pop(process, None)
         self._callers.pop(process, None)
+        for watch in list(self._watches_of.get(process, ())):
+            self._drop_watch(watch)
 
     def services_of(self, process: ProcessRecord) -> list[str]:
         """Names registered to nodes owned by ``process``."""
@@ -375,7 +476,9 @@ class ServiceManager:
             and quotas.over("handles_per_process", process.uid, len(process.refs) + 1)
         ):
             raise quotas.error("handles_per_process", f"pid {process.pid}'s handles")
-        return parcel.ObjectRef(*entry_for_node(process, node))
+        kind, value = entry_for_node(process, node)
+        extra = node.owner.pid if kind == OBJ_HANDLE else 0
+        return parcel.ObjectRef(kind, value, node.descriptor, extra)
 
     def _remove(self, name: str, service: Service) -> None:
         """Unregister ``name`` and drop the node reference its entry held."""

@@ -3,9 +3,11 @@ receiver's (binder_translate_binder, binder_translate_handle).
 
 A sender names its own objects by local node id (OBJ_NODE) and other processes'
 objects by its handles (OBJ_HANDLE). In the receiver's copy, a node becomes the
-receiver's handle to it (made on first delivery, counted on every one), or the
-node itself when it comes home to its owner. Entries are checked, and the quotas
-on nodes and handles applied, before anything changes.
+receiver's handle to it (made on first delivery, counted on every one; the entry's
+extra word carries the node owner's pid), or the node itself when it comes home to
+its owner. A descriptor (OBJ_FD) names the i-th of the descriptors that came with
+the parcel, and keeps its index. Entries are checked, and the quotas on nodes and
+handles applied, before anything changes.
 """
 
 from __future__ import annotations
@@ -13,40 +15,83 @@ from __future__ import annotations
 from pybinder.broker.process import Node, ProcessRecord
 from pybinder.broker.quotas import Quotas
 from pybinder.errors import ProtocolError
-from pybinder.parcel import OBJ_HANDLE, OBJ_NODE, write_object
+from pybinder.parcel import (
+    OBJ_FD,
+    OBJ_HANDLE,
+    OBJ_NODE,
+    ParcelHeader,
+    object_descriptors,
+    write_object,
+)
+
+#: A new node's descriptor is read from the body only when the body is at most this
+#: long (bytes): a longer one would cost the broker a long parse for a label.
+DESCRIPTOR_BODY_LIMIT = 64 * 1024
 
 
 def translate(
     source: ProcessRecord,
     target: ProcessRecord,
     dest: memoryview,
+    header: ParcelHeader,
     objects: list[tuple[int, int]],
     quotas: Quotas,
-) -> None:
+    n_fds: int = 0,
+) -> list[Node]:
     """Rewrite the object table in ``dest`` (the receiver's copy) from ``source``'s
-    terms to ``target``'s.
+    terms to ``target``'s; return the nodes it names, for its buffer to pin.
 
     Every entry is checked before any is changed, so a bad entry changes nothing.
+    ``n_fds`` descriptors came with the parcel: its OBJ_FD entries must name each
+    of them once, in order.
 
     Raises:
-        ProtocolError: an entry of an unknown kind, or a handle ``source`` lacks.
+        ProtocolError: an entry of an unknown kind, a handle ``source`` lacks, or
+            OBJ_FD entries that do not match the descriptors sent.
         QuotaExceededError: ``source`` would pass nodes_per_process, or ``target``
             handles_per_process.
     """
+    fds_named = 0
     for kind, value in objects:
-        check_entry(source, kind, value)
+        if kind == OBJ_FD:
+            if value != fds_named:
+                raise ProtocolError(f"parcel descriptor entry {fds_named} names {value}")
+            fds_named += 1
+        else:
+            check_entry(source, kind, value)
+    if fds_named != n_fds:
+        raise ProtocolError(f"parcel names {fds_named} descriptors; {n_fds} came with it")
     check_object_quotas(source, target, objects, quotas)
+    descriptors = _new_node_descriptors(source, dest, header, objects)
+    nodes: list[Node] = []
     for index, (kind, value) in enumerate(objects):
-        node = node_for_entry(source, kind, value)
+        if kind == OBJ_FD:
+            continue
+        node = node_for_entry(source, kind, value, descriptors.get(index, ""))
+        nodes.append(node)
         kind, value = entry_for_node(target, node)
-        write_object(dest, index, kind, value)
+        write_object(dest, index, kind, value, node.owner.pid if kind == OBJ_HANDLE else 0)
+    return nodes
+
+
+def _new_node_descriptors(
+    source: ProcessRecord, dest: memoryview, header: ParcelHeader, objects: list[tuple[int, int]]
+) -> dict[int, str]:
+    """The descriptors the body gives its objects, read only when one of them is a
+    node the broker has not seen (and the body is short)."""
+    for kind, value in objects:
+        if kind == OBJ_NODE and value not in source.nodes:
+            if header.body_len <= DESCRIPTOR_BODY_LIMIT:
+                return object_descriptors(dest, header)
+            break
+    return {}
 
 
 def check_entry(source: ProcessRecord, kind: int, value: int) -> None:
-    """Check an object-table entry written by ``source``.
+    """Check an object-table entry written by ``source`` (a node or a handle).
 
     Raises:
-        ProtocolError: an unknown kind, or a handle ``source`` does not hold.
+        ProtocolError: another kind, or a handle ``source`` does not hold.
     """
     if kind == OBJ_HANDLE and value not in source.refs:
         raise ProtocolError(f"parcel names handle {value}, which its sender does not hold")
@@ -81,6 +126,8 @@ def _new_refs(source: ProcessRecord, target: ProcessRecord, objects: list[tuple[
     fresh: set[int] = set()  # local ids of nodes sent for the first time
     known: set[Node] = set()
     for kind, value in objects:
+        if kind == OBJ_FD:
+            continue
         node = source.nodes.get(value) if kind == OBJ_NODE else source.refs[value].node
         if node is None:
             if source is not target:
@@ -90,16 +137,17 @@ def _new_refs(source: ProcessRecord, target: ProcessRecord, objects: list[tuple[
     return len(fresh) + len(known)
 
 
-def node_for_entry(source: ProcessRecord, kind: int, value: int) -> Node:
+def node_for_entry(source: ProcessRecord, kind: int, value: int, descriptor: str = "") -> Node:
     """The node a checked object-table entry written by ``source`` names.
 
-    A node entry the owner sends for the first time creates the node; each one
-    counts as a send (returned to the owner with BR_RELEASE_NODE).
+    A node entry the owner sends for the first time creates the node (labelled
+    ``descriptor``); each one counts as a send (returned to the owner with
+    BR_RELEASE_NODE).
     """
     if kind == OBJ_NODE:
         node = source.nodes.get(value)
         if node is None:
-            node = source.nodes[value] = Node(source, value)
+            node = source.nodes[value] = Node(source, value, descriptor)
         node.received += 1
         return node
     return source.refs[value].node

@@ -4,24 +4,38 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pybinder import parcel
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
+    DeadObjectError,
     InterfaceMismatchError,
     ProtocolError,
+    ProxyClosedError,
     RemoteError,
     UnknownTransactionError,
     error_details,
     error_from_reply,
 )
-from pybinder.protocol import REPLY_BINDER_ERROR, REPLY_EXCEPTION, REPLY_OK, TF_ONE_WAY
+from pybinder.protocol import (
+    INTERFACE_TRANSACTION,
+    LAST_CALL_TRANSACTION,
+    PING_TRANSACTION,
+    REPLY_BINDER_ERROR,
+    REPLY_EXCEPTION,
+    REPLY_OK,
+    TF_ONE_WAY,
+)
 
 if TYPE_CHECKING:
     from pybinder.runtime.process_state import ProcessState
+
+log = logging.getLogger("pybinder")
 
 
 class Binder:
@@ -44,10 +58,13 @@ class Binder:
     def dispatch(self, code: int, descriptor: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Check the caller's interface descriptor (enforceInterface), then handle the call.
 
+        A subinterface's object also accepts the descriptor of each interface it
+        extends (its classes' DESCRIPTORs), so a base interface's proxy can call it.
+
         Raises:
             InterfaceMismatchError: ``descriptor`` is not this object's.
         """
-        if descriptor != self.DESCRIPTOR:
+        if descriptor != self.DESCRIPTOR and not speaks(self, descriptor):
             raise InterfaceMismatchError(
                 f"caller speaks {descriptor!r} but {type(self).__qualname__} is {self.DESCRIPTOR!r}"
             )
@@ -57,14 +74,31 @@ class Binder:
 class BinderProxy:
     """A handle to a node in another process (BpBinder).
 
-    One BinderProxy exists per handle per process state; when it is garbage
-    collected its reference is released (BC_RELEASE), as a dropped ``sp<IBinder>``.
-    Interface proxies (``ICalc.Proxy``) wrap one.
+    One BinderProxy exists per handle per process state, so two deliveries of one
+    node give the same object. It releases its reference (BC_RELEASE) on
+    :meth:`close`, at the end of a ``with`` block, or when garbage collected, as a
+    dropped ``sp<IBinder>``. Interface proxies (``ICalc.Proxy``) wrap one.
+
+    Attributes:
+        process: the :class:`ProcessState` it belongs to.
+        handle: this process's handle for the node (the broker's binder_ref).
+        descriptor: the node's interface descriptor as the reference arrived with it
+            ("" when unknown): the sender's word, checked by the node on every call.
+        owner_pid: the pid of the process that owns the node (0 when unknown).
+        service_name: the name it was found by in the service manager, if any.
     """
 
-    def __init__(self, process: ProcessState, handle: int) -> None:
+    def __init__(
+        self, process: ProcessState, handle: int, descriptor: str = "", owner_pid: int = 0
+    ) -> None:
         self.process = process
         self.handle = handle
+        self.descriptor = descriptor
+        self.owner_pid = owner_pid
+        self.service_name: str | None = None
+        self.closed = False
+        self.dead = False
+        self._recipients: list[tuple[Callable[[Any], None], Any]] = []
 
     def transact(
         self,
@@ -85,7 +119,8 @@ class BinderProxy:
                 the parcel is in the target's region.
 
         Raises:
-            DeadObjectError: the node's process died.
+            DeadObjectError: the node's process died (the message names the node).
+            ProxyClosedError: this proxy was closed.
             TransactionTooLargeError: the parcel does not fit the target's free space.
             RemoteError, or a builtin exception type: the remote method raised.
             BinderError: any other failure (see :mod:`pybinder.errors`).
@@ -96,6 +131,8 @@ class BinderProxy:
         self, code: int, descriptor: str, args: list[Any], kwargs: dict[str, Any], flags: int
     ) -> Any:
         """:meth:`transact` with every argument given, as generated proxies call it."""
+        if self.closed:
+            raise ProxyClosedError(f"{self.describe()} was closed")
         process = self.process
         encoded = parcel.encode([descriptor, args, kwargs], process.encode_object)
         thread = process.thread_state()
@@ -105,17 +142,115 @@ class BinderProxy:
         offset, size = reply
         try:
             with process.region_view[offset : offset + size] as view:
-                value, _ = parcel.decode(view, process.decode_object, copy_buffers=True)
+                fds = thread.take_parcel_fds(view)
+                value, _ = parcel.decode(view, process.decode_object, copy_buffers=True, fds=fds)
         finally:
             thread.free_buffer(offset, size)
         return unpack_reply(value)
 
+    # -- death recipients (linkToDeath) ----------------------------------------------
+
+    def link_to_death(self, recipient: Callable[[Any], None], proxy: Any = None) -> None:
+        """Call ``recipient(proxy)`` once when the node's process dies (or the broker
+        goes), on a runtime thread, never on a thread blocked in a call (binder's
+        linkToDeath / BR_DEAD_BINDER). Linking to a node already known dead calls it
+        at once (on this thread). Keep recipients short: they run one after another.
+
+        ``proxy`` is what the recipient gets (default: this BinderProxy; an
+        interface proxy passes itself).
+
+        Raises:
+            ProxyClosedError: this proxy was closed.
+        """
+        if self.closed:
+            raise ProxyClosedError(f"{self.describe()} was closed")
+        if self.dead:
+            recipient(self if proxy is None else proxy)
+            return
+        first = not self._recipients
+        self._recipients.append((recipient, self if proxy is None else proxy))
+        if first:
+            self.process.request_death_notification(self)
+
+    def unlink_to_death(self, recipient: Callable[[Any], None]) -> bool:
+        """Forget ``recipient`` (unlinkToDeath); False if it was not linked."""
+        for index, (linked, _) in enumerate(self._recipients):
+            if linked is recipient or linked == recipient:
+                del self._recipients[index]
+                if not self._recipients and not self.dead and not self.closed:
+                    self.process.clear_death_notification(self)
+                return True
+        return False
+
+    def died(self) -> None:
+        """The node's process died (BR_DEAD_BINDER, or the broker went): mark this
+        proxy dead and call its recipients, each once."""
+        self.dead = True
+        recipients, self._recipients = self._recipients, []
+        for recipient, proxy in recipients:
+            try:
+                recipient(proxy)
+            except Exception:
+                log.exception("death recipient %r raised", recipient)
+
+    def is_binder_alive(self) -> bool:
+        """Whether the node's process is alive (isBinderAlive): False once its death
+        is known; with no death recipient linked it asks (:meth:`ping_binder`)."""
+        if self.dead or self.closed:
+            return False
+        if self._recipients:
+            return True
+        return self.ping_binder()
+
+    def ping_binder(self) -> bool:
+        """Ask the node's process whether it is alive (binder's PING_TRANSACTION,
+        answered by its runtime, not its Stub): True if it answers, False once it
+        is dead.
+
+        Raises:
+            ProxyClosedError: this proxy was closed.
+            BrokerUnavailableError: the broker went away.
+        """
+        try:
+            return bool(self.call(PING_TRANSACTION, "", [], {}, 0))
+        except DeadObjectError:
+            self.dead = True
+            return False
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's reference to the node now (BC_RELEASE) instead of
+        at garbage collection; later calls raise ProxyClosedError. Closing again does
+        nothing. Another delivery of the node makes a new proxy."""
+        if not self.closed:
+            self.closed = True
+            self._recipients = []
+            self.process.release_proxy(self)
+
+    def __enter__(self) -> BinderProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        """Names the node for messages: its descriptor, owner pid and service name."""
+        parts = [self.descriptor or "a node of unknown interface"]
+        if self.owner_pid:
+            parts.append(f"in pid {self.owner_pid}")
+        if self.service_name is not None:
+            parts.append(f"(service {self.service_name!r})")
+        return " ".join(parts) + f", handle {self.handle}"
+
     def __repr__(self) -> str:
-        return f"<BinderProxy handle={self.handle}>"
+        state = " closed" if self.closed else " dead" if self.dead else ""
+        return f"<BinderProxy {self.describe()}{state}>"
 
 
 class ProxyBase:
-    """Base of generated interface proxies: holds the :class:`BinderProxy`.
+    """Base of generated interface proxies: holds the :class:`BinderProxy` and offers
+    its lifetime methods (which an interface method of the same name hides).
 
     Attributes:
         binder: the remote handle every method call goes through.
@@ -124,16 +259,49 @@ class ProxyBase:
     def __init__(self, binder: BinderProxy) -> None:
         self.binder = binder
 
+    def link_to_death(self, recipient: Callable[[Any], None]) -> None:
+        """See :meth:`BinderProxy.link_to_death`; ``recipient`` gets this proxy."""
+        self.binder.link_to_death(recipient, self)
+
+    def unlink_to_death(self, recipient: Callable[[Any], None]) -> bool:
+        """See :meth:`BinderProxy.unlink_to_death`."""
+        return self.binder.unlink_to_death(recipient)
+
+    def is_binder_alive(self) -> bool:
+        """See :meth:`BinderProxy.is_binder_alive`."""
+        return self.binder.is_binder_alive()
+
+    def ping_binder(self) -> bool:
+        """See :meth:`BinderProxy.ping_binder`."""
+        return self.binder.ping_binder()
+
+    def close(self) -> None:
+        """See :meth:`BinderProxy.close` (closes the handle for every view of it)."""
+        self.binder.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.binder.close()
+
     def __repr__(self) -> str:
-        return f"<{type(self).__qualname__} handle={self.binder.handle}>"
+        return f"<{type(self).__qualname__} {self.binder.describe()}>"
 
 
 def run_call(target: Binder, code: int, body: Any) -> list[Any]:
-    """Run a decoded call on ``target``; return the reply body (never raises)."""
+    """Run a decoded call on ``target``; return the reply body (never raises).
+
+    Codes above LAST_CALL_TRANSACTION are the runtime's own and never reach
+    ``target.dispatch`` (see :func:`runtime_transaction`), as libbinder's BBinder
+    answers PING_TRANSACTION and INTERFACE_TRANSACTION itself.
+    """
     try:
         descriptor, args, kwargs = body
         if type(args) is not list or type(kwargs) is not dict:
             raise ProtocolError("a call's arguments must be a list and a dict")
+        if code > LAST_CALL_TRANSACTION:
+            return [REPLY_OK, runtime_transaction(target, code)]
         result = target.dispatch(code, descriptor, args, kwargs)
         return [REPLY_OK, result]
     except BinderError as exc:
@@ -201,3 +369,36 @@ def rebuild_exception(module: str, qualname: str, args: list[Any], remote_tb: st
     if remote_tb:
         exc.add_note("Remote traceback (most recent call last):\n" + remote_tb.rstrip())
     return exc
+
+
+def runtime_transaction(target: Binder, code: int) -> Any:
+    """Answer a reserved transaction (a code above LAST_CALL_TRANSACTION) for
+    ``target``, whatever descriptor the caller gave (binder's BBinder::transact).
+
+    PING_TRANSACTION answers True; INTERFACE_TRANSACTION answers
+    ``[descriptor, hash, [[code, name, oneway], ...]]`` (IBinder's
+    getInterfaceDescriptor, with AIDL's getInterfaceHash and the method table):
+    the Interface's for a Stub, ``[DESCRIPTOR, "", []]`` for a plain Binder.
+
+    Raises:
+        UnknownTransactionError: any other reserved code.
+    """
+    if code == PING_TRANSACTION:
+        return True
+    if code == INTERFACE_TRANSACTION:
+        from pybinder.runtime.interface import _interface_of  # imports this module
+
+        interface = _interface_of(target)
+        if interface is None:
+            return [target.DESCRIPTOR, "", []]
+        return [interface.DESCRIPTOR, interface.HASH, interface.method_table()]
+    name = target.DESCRIPTOR or type(target).__qualname__
+    raise UnknownTransactionError(f"{name} has no runtime transaction {code:#x}")
+
+
+def speaks(target: Binder, descriptor: str) -> bool:
+    """Whether a class of ``target`` declares ``descriptor`` (a non-empty one): its
+    own interface's or one it extends."""
+    if not descriptor:
+        return False
+    return any(klass.__dict__.get("DESCRIPTOR") == descriptor for klass in type(target).__mro__)

@@ -4,6 +4,7 @@ receive region, its thread states and thread pool, its local nodes and its handl
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -21,22 +22,34 @@ from pybinder.errors import (
     BinderError,
     BrokerUnavailableError,
     ProtocolError,
+    ProxyClosedError,
     QuotaExceededError,
     quota_error,
 )
-from pybinder.parcel import OBJ_HANDLE, OBJ_NODE
+from pybinder.parcel import OBJ_FD, OBJ_HANDLE, OBJ_NODE
 from pybinder.paths import resolve_socket_path
 from pybinder.protocol import (
+    BC_CLEAR_DEATH_NOTIFICATION,
     BC_HELLO_PROCESS,
     BC_RELEASE,
+    BC_REQUEST_DEATH_NOTIFICATION,
+    BC_SET_MAX_THREADS,
+    BR_DEAD_BINDER,
+    BR_ERROR,
     BR_HELLO_PROCESS,
+    BR_RELEASE_NODE,
+    BR_SPAWN_LOOPER,
     MAX_MESSAGE,
+    MAX_THREADS_LIMIT,
     PROTOCOL_VERSION,
     RING_IS_ORDERED,
+    SERVICE_CALLBACK_DESCRIPTOR,
     SERVICE_MANAGER_HANDLE,
 )
 from pybinder.region import map_region_readonly
+from pybinder.runtime import interface as interfaces
 from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
+from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface
 from pybinder.runtime.service_manager import IServiceManager
 from pybinder.runtime.thread_state import ThreadState
@@ -107,6 +120,13 @@ class ProcessState:
     Attributes:
         region_size: the receive region's size in bytes, as granted.
         max_parcel: the largest parcel the broker accepts, in bytes.
+        max_threads: the most loopers the broker may have this process start
+            (:meth:`start_thread_pool`); 0 before a pool is started.
+
+    A runtime thread ("pybinder-runtime") reads the process connection for what
+    concerns the whole process: nodes no longer held (BR_RELEASE_NODE), deaths
+    (BR_DEAD_BINDER; death recipients run on it) and requests for one more looper
+    (BR_SPAWN_LOOPER).
 
     Raises:
         BrokerUnavailableError: no broker answers on the socket, the one that does
@@ -146,6 +166,9 @@ class ProcessState:
         self._node_ids: dict[int, int] = {}  # id(binder) -> node id
         self._next_node = itertools.count(1)
         self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
+        self._releases_of: dict[int, Any] = {}  # handle -> the finalizer releasing it
+        self._registrations: dict[tuple[str, Any], Binder] = {}  # (name, callback) -> stub
+        self.max_threads = 0
         self.releases: collections.deque[bytes] = collections.deque()
         #: Whether one of this process's loopers is polling for its next transaction;
         #: at most one does (see ThreadState.join_looper).
@@ -159,8 +182,14 @@ class ProcessState:
         self.region_fd = fd
         self._region = map_region_readonly(fd, self.region_size)
         self.region_view = memoryview(self._region)
-        self.service_manager: Any = IServiceManager.Proxy(BinderProxy(self, SERVICE_MANAGER_HANDLE))
+        self.service_manager: Any = IServiceManager.Proxy(
+            BinderProxy(self, SERVICE_MANAGER_HANDLE, IServiceManager.DESCRIPTOR)
+        )
         _live_states.add(self)
+        self._runtime_thread = threading.Thread(
+            target=self._serve_process_connection, name="pybinder-runtime", daemon=True
+        )
+        self._runtime_thread.start()
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -269,14 +298,54 @@ class ProcessState:
             ServiceNotFoundError: no such service within ``timeout`` (None: wait forever).
         """
         binder = self.service_manager.wait_for_service(name, timeout)
-        return interface.as_interface(binder) if interface is not None else binder
+        return self._as_service(name, binder, interface)
 
     def check_service(self, name: str, interface: type[I] | None = None) -> Any:
         """The service ``name`` if registered now, else None (never waits)."""
         binder = self.service_manager.check_service(name)
-        if binder is None or interface is None:
+        if binder is None:
+            return None
+        return self._as_service(name, binder, interface)
+
+    def _as_service(self, name: str, binder: Any, interface: type[I] | None) -> Any:
+        """Name the proxy after its service; view it as ``interface``, checking once
+        that the node's method table agrees (see Interface.from_service)."""
+        remote = binder.binder if isinstance(binder, ProxyBase) else binder
+        if isinstance(remote, BinderProxy):
+            remote.service_name = name
+        if interface is None:
             return binder
-        return interface.as_interface(binder)
+        return interface.from_service(binder)
+
+    # -- notifications -------------------------------------------------------------------
+
+    def register_for_notifications(self, name: str, callback: Any) -> None:
+        """Call ``callback(name, proxy)`` when a service ``name`` is added: at once if
+        it exists, then on every add (as after its owner died and a new one came)
+        (servicemanager's registerForNotifications). The broker calls this process,
+        so it needs a looper: this starts the thread pool if none runs.
+
+        Raises:
+            SecurityError: the policy does not let this process find ``name``.
+            QuotaExceededError: waiters_per_process (registrations count as waits).
+            ValueError: ``name`` is empty or longer than 255 characters.
+        """
+        key = (name, callback)
+        if key in self._registrations:
+            return
+        stub = _ServiceCallback(callback)
+        if not self._loopers:
+            self.start_thread_pool()
+        self.service_manager.register_for_notifications(name, stub)
+        self._registrations[key] = stub
+
+    def unregister_for_notifications(self, name: str, callback: Any) -> bool:
+        """Stop calling ``callback`` for ``name``; False if it was not registered."""
+        stub = self._registrations.pop((name, callback), None)
+        if stub is None:
+            return False
+        self.service_manager.unregister_for_notifications(name, stub)
+        return True
 
     def list_services(self) -> list[str]:
         """The names of every registered service this process may find, sorted
@@ -318,23 +387,46 @@ class ProcessState:
     # -- thread pool ---------------------------------------------------------------------------
 
     def start_thread_pool(self, max_threads: int = 4) -> None:
-        """Start background looper threads until ``max_threads`` serve this process.
+        """Start one background looper, and let the broker ask for more up to
+        ``max_threads`` (binder's startThreadPool and BINDER_SET_MAX_THREADS).
 
-        Each looper takes one transaction at a time, so up to ``max_threads`` calls run
-        at once. Calling again with a larger number adds loopers.
+        Each looper takes one transaction at a time. When every looper is busy and
+        work waits, the broker asks for one more (BR_SPAWN_LOOPER), so up to
+        ``max_threads`` calls run at once, and an idle process keeps one thread.
+        Calling again with a larger number raises the limit.
+
+        Raises:
+            ValueError: ``max_threads`` is not within [1, 256].
         """
-        if max_threads < 1:
-            raise ValueError("max_threads must be at least 1")
+        if not 1 <= max_threads <= MAX_THREADS_LIMIT:
+            raise ValueError(f"max_threads must be within [1, {MAX_THREADS_LIMIT}]")
         self._check_usable()
         with self._lock:
-            while len(self._loopers) < max_threads:
-                looper = threading.Thread(
-                    target=self._run_looper,
-                    name=f"pybinder-looper-{len(self._loopers) + 1}",
-                    daemon=True,
-                )
-                self._loopers.append(looper)
-                looper.start()
+            raised = max_threads > self.max_threads
+            self.max_threads = max(self.max_threads, max_threads)
+            if self._loopers:
+                if raised:
+                    self.thread_state().send_command(
+                        protocol.encode(BC_SET_MAX_THREADS, self.max_threads)
+                    )
+                return
+            self._add_looper()
+
+    def _add_looper(self) -> None:
+        """Start one more looper thread (the caller holds ``_lock``)."""
+        looper = threading.Thread(
+            target=self._run_looper,
+            name=f"pybinder-looper-{len(self._loopers) + 1}",
+            daemon=True,
+        )
+        self._loopers.append(looper)
+        looper.start()
+
+    def spawn_looper(self) -> None:
+        """BR_SPAWN_LOOPER: start one more looper, below ``max_threads``."""
+        with self._lock:
+            if not self.closed and len(self._loopers) < self.max_threads:
+                self._add_looper()
 
     def join_thread_pool(self) -> None:
         """Serve transactions on the calling thread until :meth:`close` (or the broker goes).
@@ -346,31 +438,43 @@ class ProcessState:
 
     def _run_looper(self) -> None:
         try:
-            self.thread_state().join_looper()
+            state = self.thread_state()
+            state.send_command(protocol.encode(BC_SET_MAX_THREADS, self.max_threads))
+            state.join_looper(pool=True)
         except BrokerUnavailableError:
             if not self.closed:
                 raise
 
     # -- objects in parcels ----------------------------------------------------------------------
 
-    def encode_object(self, obj: Any) -> tuple[int, int] | None:
+    def encode_object(self, obj: Any) -> tuple[int, int, str] | None:
         """The object-table entry for a binder object in an outgoing parcel, or None.
 
         A local :class:`Binder` becomes a node (kept alive until the broker says no
-        other process holds it); a proxy becomes its handle.
+        other process holds it); a proxy becomes its handle. Either goes with its
+        interface descriptor.
+
+        Raises:
+            ProxyClosedError: the proxy was closed.
+            TypeError: a proxy of another process state.
         """
         if isinstance(obj, Binder):
-            return OBJ_NODE, self._node_id(obj)
+            return OBJ_NODE, self._node_id(obj), obj.DESCRIPTOR
         if isinstance(obj, ProxyBase):
             obj = obj.binder
         if isinstance(obj, BinderProxy):
             if obj.process is not self:
                 raise TypeError("a proxy can only be sent through the process state it came from")
-            return OBJ_HANDLE, obj.handle
+            if obj.closed:
+                raise ProxyClosedError(f"{obj.describe()} was closed")
+            return OBJ_HANDLE, obj.handle, obj.descriptor
         return None
 
-    def decode_object(self, kind: int, value: int) -> Any:
-        """The object for an object-table entry of an incoming parcel.
+    def decode_object(self, kind: int, value: int, descriptor: str = "", extra: int = 0) -> Any:
+        """The object for an object-table entry of an incoming parcel: a local
+        object (a node of ours come home), a proxy (an interface proxy when the
+        descriptor names an interface this process knows, see
+        ``pybinder.runtime.interface.typed``), or a ParcelFileDescriptor.
 
         Raises:
             ProtocolError: an unknown node or kind.
@@ -378,7 +482,9 @@ class ProcessState:
         if kind == OBJ_NODE:
             return self.local_node(value)
         if kind == OBJ_HANDLE:
-            return self._proxy(value)
+            return interfaces.typed(self._proxy(value, descriptor, extra))
+        if kind == OBJ_FD:
+            return ParcelFileDescriptor(value)
         raise ProtocolError(f"unknown object kind {kind}")
 
     def local_node(self, node_id: int) -> Binder:
@@ -414,21 +520,95 @@ class ProcessState:
             self._nodes[node_id][1] += 1
             return node_id
 
-    def _proxy(self, handle: int) -> BinderProxy:
+    def _proxy(self, handle: int, descriptor: str = "", owner_pid: int = 0) -> BinderProxy:
         with self._lock:
             proxy = self._proxies.get(handle)
             if proxy is None:
-                proxy = BinderProxy(self, handle)
+                proxy = BinderProxy(self, handle, descriptor, owner_pid)
                 deliveries = [0]
                 proxy._deliveries = deliveries  # type: ignore[attr-defined]
-                weakref.finalize(proxy, self._queue_release, handle, deliveries)
+                self._releases_of[handle] = weakref.finalize(
+                    proxy, self._queue_release, handle, deliveries
+                )
                 self._proxies[handle] = proxy
+            elif descriptor and not proxy.descriptor:
+                proxy.descriptor = descriptor
             proxy._deliveries[0] += 1  # type: ignore[attr-defined]
             return proxy
 
     def _queue_release(self, handle: int, deliveries: list[int]) -> None:
+        self._releases_of.pop(handle, None)
         if not self.closed and not self._forked:
             self.releases.append(protocol.encode(BC_RELEASE, handle, deliveries[0]))
+
+    def release_proxy(self, proxy: BinderProxy) -> None:
+        """Release ``proxy``'s reference now (BC_RELEASE of its deliveries), from this
+        thread's connection, so it follows this thread's calls that name it."""
+        with self._lock:
+            if self._proxies.get(proxy.handle) is not proxy:
+                return
+            del self._proxies[proxy.handle]
+            finalizer = self._releases_of.pop(proxy.handle, None)
+            if finalizer is None or finalizer.detach() is None:
+                return
+        if not self.closed and not self._forked:
+            deliveries = proxy._deliveries[0]  # type: ignore[attr-defined]
+            self.thread_state().send_command(protocol.encode(BC_RELEASE, proxy.handle, deliveries))
+
+    def describe_handle(self, handle: int) -> str:
+        """Names the node behind ``handle`` for an error message."""
+        proxy = self._proxies.get(handle)
+        return proxy.describe() if proxy is not None else f"the node behind handle {handle}"
+
+    # -- deaths -------------------------------------------------------------------------
+
+    def request_death_notification(self, proxy: BinderProxy) -> None:
+        """Ask the broker for BR_DEAD_BINDER when ``proxy``'s node dies."""
+        command = protocol.encode(BC_REQUEST_DEATH_NOTIFICATION, proxy.handle)
+        self.thread_state().send_command(command)
+
+    def clear_death_notification(self, proxy: BinderProxy) -> None:
+        """Cancel :meth:`request_death_notification`."""
+        if not self.closed:
+            command = protocol.encode(BC_CLEAR_DEATH_NOTIFICATION, proxy.handle)
+            self.thread_state().send_command(command)
+
+    def on_process_return(self, command: tuple[int, ...]) -> None:
+        """Handle a process-wide return (from the runtime thread, or any thread)."""
+        op = command[0]
+        if op == BR_RELEASE_NODE:
+            self.node_released(command[1], command[2])
+        elif op == BR_DEAD_BINDER:
+            proxy = self._proxies.get(command[1])
+            if proxy is not None:
+                proxy.died()
+        elif op == BR_SPAWN_LOOPER:
+            self.spawn_looper()
+        elif op == BR_ERROR:
+            log.error("the broker refused a command of this process (error %d)", command[1])
+        else:
+            raise ProtocolError(f"unexpected {protocol.COMMAND_NAMES.get(op, hex(op))}")
+
+    def _serve_process_connection(self) -> None:
+        """The runtime thread: read process-wide returns until the broker lets go;
+        if it went while this process was open, every proxy is dead."""
+        sock = self._sock
+        while True:
+            try:
+                message = sock.recv(MAX_MESSAGE)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            try:
+                for command in protocol.decode(message):
+                    self.on_process_return(command)
+            except BinderError as exc:
+                log.error("pybinder runtime thread: %s", exc)
+        if not self.closed:
+            log.warning("the broker at %s went away: every proxy is dead", self.socket_path)
+            for proxy in list(self._proxies.values()):
+                proxy.died()
 
     def take_releases(self) -> list[bytes]:
         """BC_RELEASE commands queued by dropped proxies, batched into messages."""
@@ -487,17 +667,14 @@ class ProcessState:
 
     def _leave_broker(self) -> None:
         """Close the process connection and wait until the broker has let go of this
-        process, so that when close() returns its services are gone."""
+        process (the runtime thread sees it close), so that when close() returns its
+        services are gone."""
         sock = self._sock
-        try:
+        with contextlib.suppress(OSError):  # the broker is gone already
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(CLOSE_TIMEOUT)
-            while sock.recv(MAX_MESSAGE):
-                pass
-        except OSError:
-            pass  # the broker is gone already, or slow: either way we are done
-        finally:
-            sock.close()
+        if self._runtime_thread is not threading.current_thread():
+            self._runtime_thread.join(CLOSE_TIMEOUT)
+        sock.close()
 
     def __enter__(self) -> ProcessState:
         return self
@@ -530,6 +707,21 @@ def _refusal(commands: list[tuple[int, ...]]) -> str:
             f" with the {limit} bytes free there"
         )
     return f"error {code} (size {size}, limit {limit})"
+
+
+class _ServiceCallback(Binder):
+    """The node the broker calls for :meth:`ProcessState.register_for_notifications`
+    (IServiceCallback.onRegistration): one oneway method, ``(name, binder)``."""
+
+    DESCRIPTOR = SERVICE_CALLBACK_DESCRIPTOR
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+
+    def on_transact(self, code: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        name, binder = args
+        self.callback(name, binder)
+        return None
 
 
 class _ThreadSlot:

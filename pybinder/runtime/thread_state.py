@@ -8,6 +8,7 @@ client can take callbacks without deadlocking.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import mmap
@@ -37,9 +38,11 @@ from pybinder.protocol import (
     BC_FREE_BUFFER,
     BC_HELLO_THREAD,
     BC_PARCEL_READY,
+    BC_REGISTER_LOOPER,
     BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
+    BR_DEAD_BINDER,
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
@@ -47,6 +50,7 @@ from pybinder.protocol import (
     BR_OK,
     BR_RELEASE_NODE,
     BR_REPLY,
+    BR_SPAWN_LOOPER,
     BR_TRANSACTION,
     BR_TRANSACTION_COMPLETE,
     END_WORDS,
@@ -118,6 +122,10 @@ RING_PATIENCE = 1e-3
 WINDOW_DRAIN_TIMEOUT = 5.0
 
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
+_PROCESS_RETURNS = frozenset({BR_RELEASE_NODE, BR_DEAD_BINDER, BR_SPAWN_LOOPER})
+
+#: Room for the most descriptors one message can carry (the kernel's SCM_MAX_FD).
+_ANCILLARY = socket.CMSG_SPACE(253 * 4)
 
 _identity = threading.local()
 
@@ -176,6 +184,8 @@ class ThreadState:
         self._settled = 0  # this thread's windowed calls the broker has settled, seen
         self._failed = 0  # how many of those failed, seen
         self._late_error: BinderError | None = None  # the first failed windowed call's
+        self._fds: deque[int] = deque()  # descriptors received, not yet taken by a parcel
+        self._reply_fds: list[int] = []  # those of the reply being sent
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -203,8 +213,10 @@ class ThreadState:
             also for an earlier windowed oneway call (see :meth:`flush_oneway`).
         """
         tail_offset, tail_len = self._find_loaned(encoded)
+        fds = encoded.fds
         if (
             flags & TF_ONE_WAY
+            and not fds
             and self._window > 1
             and not tail_len
             and encoded.size <= self._window_ring // 4
@@ -224,7 +236,7 @@ class ThreadState:
             )
         else:
             placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
-            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0))
+            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0), fds)
         started = time.perf_counter()
         outcome = self._wait_for(_OUTCOMES, self._spin)
         self._observe_wait(time.perf_counter() - started)
@@ -234,7 +246,7 @@ class ThreadState:
         if op == BR_TRANSACTION_COMPLETE:
             return None
         if op == BR_DEAD_REPLY:
-            raise DeadObjectError(f"the process behind handle {handle} has died")
+            raise DeadObjectError(f"{self._process.describe_handle(handle)} has died")
         raise _failure(outcome[1], outcome[2], outcome[3])
 
     # -- the oneway window ------------------------------------------------------------
@@ -339,10 +351,11 @@ class ThreadState:
     def _keep_late_error(self, outcome: tuple[int, ...]) -> None:
         op = outcome[0]
         if op == BR_REPLY:  # not an answer to a oneway call: the broker is confused
-            self.free_buffer(outcome[1], outcome[2])
+            self._drop_reply(outcome[1], outcome[2])
             error: BinderError = ProtocolError("a reply to a oneway call")
         elif op == BR_DEAD_REPLY:
-            error = DeadObjectError("its target has died")
+            target = self._process.describe_handle(outcome[1])
+            error = DeadObjectError(f"its target, {target}, has died")
         elif op == BR_TRANSACTION_COMPLETE:
             error = ProtocolError("an acknowledgement of a windowed oneway call")
         else:
@@ -355,6 +368,33 @@ class ThreadState:
         error, self._late_error = self._late_error, None
         if error is not None:
             raise error
+
+    def _drop_reply(self, offset: int, size: int) -> None:
+        """Free a reply nobody will read, and close the descriptors that came with it."""
+        if self._fds:
+            with self._process.region_view[offset : offset + size] as view:
+                for fd in self.take_parcel_fds(view) or ():
+                    os.close(fd)
+        self.free_buffer(offset, size)
+
+    def take_parcel_fds(self, parcel_view: memoryview) -> list[int] | None:
+        """The descriptors that came with the parcel in ``parcel_view`` (as many as
+        its object table has OBJ_FD entries, taken in order from those received),
+        for :func:`pybinder.parcel.decode`; None when none came."""
+        if not self._fds:
+            return None
+        count = parcel.count_fds(parcel_view)
+        fds = self._fds
+        return [fds.popleft() for _ in range(min(count, len(fds)))]
+
+    def send_command(self, message: bytes) -> None:
+        """Send encoded commands (BC_RELEASE, BC_REQUEST_DEATH_NOTIFICATION, ...) on
+        this thread's connection, after whatever this thread sent before.
+
+        Raises:
+            BrokerUnavailableError: the broker went away.
+        """
+        self._send(message)
 
     def free_buffer(self, offset: int, size: int) -> None:
         """Give a reply buffer of ``size`` bytes back to the broker (BC_FREE_BUFFER).
@@ -369,8 +409,10 @@ class ThreadState:
 
     # -- serving ------------------------------------------------------------------------
 
-    def join_looper(self) -> None:
-        """Serve incoming transactions on this thread until the process state closes.
+    def join_looper(self, pool: bool = False) -> None:
+        """Serve incoming transactions on this thread until the process state closes;
+        ``pool``: as a thread of the process's pool (BC_REGISTER_LOOPER, counted
+        toward its max_threads), not one that joined it itself (BC_ENTER_LOOPER).
 
         A looper that has just answered a two-way call polls for the next one for up
         to ``spin_us`` if no other looper of this process is polling (see
@@ -383,7 +425,7 @@ class ThreadState:
         The broker may hand over several queued oneway calls in one message (a
         batch); they run in order, and one message answers them all.
         """
-        self._send(protocol.encode(BC_ENTER_LOOPER))
+        self._send(protocol.encode(BC_REGISTER_LOOPER if pool else BC_ENTER_LOOPER))
         process = self._process
         answered_call = False
         while True:
@@ -430,8 +472,8 @@ class ThreadState:
         op = command[0]
         if op == BR_TRANSACTION:
             self._execute(command)
-        elif op == BR_RELEASE_NODE:
-            self._process.node_released(command[1], command[2])
+        elif op in _PROCESS_RETURNS:
+            self._process.on_process_return(command)
         elif op == BR_ERROR:
             raise _rejected(command)
         else:
@@ -451,18 +493,28 @@ class ThreadState:
         views: list[memoryview] = []
         try:
             with process.region_view[offset : offset + size] as data:
+                fds = self.take_parcel_fds(data) if self._fds else None
                 try:
                     target = process.local_node(node)
-                    body, views = parcel.decode(data, process.decode_object)
+                    body, views = parcel.decode(data, process.decode_object, fds=fds)
                     reply = run_call(target, code, body)
                 except BinderError as exc:
                     reply = binder_error_reply(exc)
+                    for fd in fds or ():  # decode closes those it got; these it did not
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 placed = (0, 0, 0) if oneway else self._write_reply(reply)  # None: in parts
                 for view in views:
                     _release(view)
         finally:
             stack.pop()
         free = _pack_free(BC_FREE_BUFFER, offset)
+        reply_fds, self._reply_fds = self._reply_fds, []
+        if (
+            reply_fds and placed is not None
+        ):  # the reply carries descriptors: it goes with them, alone
+            self._send(_pack_reply(BC_REPLY, 0, *placed) + free, reply_fds)
+            return
         if oneway:
             if reply[0] == REPLY_EXCEPTION:
                 log.error("oneway call %d raised %s.%s%s\n%s", code, *reply[1:])
@@ -490,6 +542,7 @@ class ThreadState:
             if _goes_in_parts(encoded, tail_len):
                 self._send_in_parts(encoded, _reply_in_parts)
                 return None
+            self._reply_fds = encoded.fds
             return self._write(encoded, tail_offset, tail_len)
         except TransactionTooLargeError as exc:  # raised before any part was sent
             return self._write(parcel.encode(binder_error_reply(exc)), 0, 0)
@@ -696,7 +749,7 @@ class ThreadState:
 
     # -- the socket --------------------------------------------------------------------------
 
-    def _send(self, message: bytes) -> None:
+    def _send(self, message: bytes, fds: list[int] | None = None) -> None:
         if self._outbox:  # earlier transactions' dones first
             message = self._outbox + message
             self._outbox = b""
@@ -704,7 +757,10 @@ class ThreadState:
             message += self._deferred
             self._deferred = b""
         try:
-            self._sock.send(message)
+            if fds:
+                socket.send_fds(self._sock, [message], fds)
+            else:
+                self._sock.send(message)
             # After the message: a handle it names may be one a dropped proxy released.
             if self._process.releases:
                 for batch in self._process.take_releases():
@@ -717,9 +773,11 @@ class ThreadState:
         (:func:`recv_polling`) and sets ``_poll_timed_out``."""
         try:
             if spin:
-                message, self._poll_timed_out = recv_polling(self._sock, self._poller, spin)
+                message, self._poll_timed_out = recv_polling(
+                    self._sock, self._poller, spin, self._fds
+                )
             else:
-                message = self._sock.recv(MAX_MESSAGE)
+                message = receive(self._sock, self._fds)
         except OSError as exc:
             raise BrokerUnavailableError(f"lost the broker: {exc}") from None
         if not message:
@@ -774,7 +832,7 @@ class ThreadState:
             if outcome is not None:
                 if error is not None:
                     if outcome[0] == BR_REPLY:
-                        self.free_buffer(outcome[1], outcome[2])
+                        self._drop_reply(outcome[1], outcome[2])
                     raise error
                 return outcome
 
@@ -787,6 +845,9 @@ class ThreadState:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        while self._fds:  # received for parcels nobody will read now
+            with contextlib.suppress(OSError):
+                os.close(self._fds.popleft())
         if self._send_words is not None:
             self._send_words.release()
         for view, mapping in ((self._send_view, self._send_map), (self._loan_view, self._loan_map)):
@@ -829,10 +890,29 @@ class LooperPolls:
             self.skip = self.backoff
 
 
-def recv_polling(sock: socket.socket, poller: select.poll, spin: float) -> tuple[bytes, bool]:
+def receive(sock: socket.socket, fds: deque[int]) -> bytes:
+    """The next message on ``sock``; descriptors that came with it (SCM_RIGHTS) are
+    appended to ``fds``.
+
+    Raises:
+        OSError: from the socket.
+    """
+    message, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
+    if ancillary:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds.extend(array.array("i", data[:usable]))
+    return message
+
+
+def recv_polling(
+    sock: socket.socket, poller: select.poll, spin: float, fds: deque[int]
+) -> tuple[bytes, bool]:
     """Poll ``sock`` for ``spin`` seconds, yielding the CPU between polls, then block;
     return the message and whether the poll ran for all of ``spin`` without it.
-    ``poller`` has ``sock`` registered for POLLIN.
+    ``poller`` has ``sock`` registered for POLLIN; descriptors that come with the
+    message are appended to ``fds``.
 
     A thread waiting for a reply polls (see :meth:`ThreadState._observe_wait`), and so
     does one looper per process after a two-way call (see
@@ -851,18 +931,19 @@ def recv_polling(sock: socket.socket, poller: select.poll, spin: float) -> tuple
     deadline = time.perf_counter() + spin
     while True:
         if poller.poll(0):
-            return sock.recv(MAX_MESSAGE), False
+            return receive(sock, fds), False
         before = time.perf_counter()
         if before >= deadline:
-            return sock.recv(MAX_MESSAGE), True
+            return receive(sock, fds), True
         os.sched_yield()
         if time.perf_counter() - before > SHARED_CPU_YIELD:
-            return sock.recv(MAX_MESSAGE), False
+            return receive(sock, fds), False
 
 
 def _goes_in_parts(encoded: parcel.EncodedParcel, tail_len: int) -> bool:
-    """Whether a parcel is sent in parts: large, with buffers, and nothing loaned."""
-    return not tail_len and encoded.size >= PARTS_MIN and bool(encoded.buffers)
+    """Whether a parcel is sent in parts: large, with buffers, nothing loaned and no
+    descriptors (those go with the one message that carries a whole parcel)."""
+    return not tail_len and encoded.size >= PARTS_MIN and bool(encoded.buffers) and not encoded.fds
 
 
 def _reply_in_parts(size: int, parts_flags: int) -> bytes:
