@@ -2,8 +2,8 @@
 
 A broker daemon plays the binder driver: it copies each message once into a buffer
 in the target process's read-only shared-memory region, and the target reads it in
-place. On top: Proxy/Stub RPC, a service manager, object references and caller
-credentials.
+place. On top: Proxy/Stub RPC, a service manager, typed object references, death
+recipients, file descriptors, loopers on demand and caller credentials.
 
 Quick use::
 
@@ -34,6 +34,7 @@ from pybinder.errors import (
     DeadObjectError,
     InterfaceMismatchError,
     ProtocolError,
+    ProxyClosedError,
     QuotaExceededError,
     RemoteError,
     SecurityError,
@@ -41,7 +42,8 @@ from pybinder.errors import (
     TransactionTooLargeError,
     UnknownTransactionError,
 )
-from pybinder.runtime.binder import Binder, BinderProxy
+from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
+from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface, method, oneway
 from pybinder.runtime.process_state import ProcessState, connect
 from pybinder.runtime.thread_state import get_calling_gid, get_calling_pid, get_calling_uid
@@ -56,8 +58,11 @@ __all__ = [
     "DeadObjectError",
     "Interface",
     "InterfaceMismatchError",
+    "ParcelFileDescriptor",
     "ProcessState",
     "ProtocolError",
+    "ProxyBase",
+    "ProxyClosedError",
     "QuotaExceededError",
     "RemoteError",
     "SecurityError",

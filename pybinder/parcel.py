@@ -454,7 +454,9 @@ def _decode(
             if kind == OBJ_FD:
                 if value >= len(fds) or fds[value] < 0:
                     raise ProtocolError(f"parcel names descriptor {value}, which did not come")
-                value, fds[value] = fds[value], -1
+                taken = fds[value]
+                fds[value] = -1  # decode_object owns it now
+                value = taken
             return decode_object(kind, value, descriptor, extra)
         raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
 

@@ -598,3 +598,82 @@ def test_a_client_refuses_a_broker_run_by_an_untrusted_uid(socket_dir):
         assert impostor.stdout is not None
         impostor.stdout.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- descriptors, death links and loopers ----------------------------------------------
+
+
+def test_descriptors_beyond_the_call_quota_are_refused_and_none_leak(socket_dir):
+    with hostile_cluster(socket_dir, "--fds-per-transaction", "8") as cluster:
+        body = """
+        pipes = [os.pipe() for _ in range(5)]
+        ends = [fd for pair in pipes for fd in pair]  # ten descriptors
+        with pybinder.connect(SOCKET) as proc:
+            service = proc.get_service("test", __import__("peers").ITest, timeout=10)
+            try:
+                service.echo([os.fdopen(os.dup(fd), "rb", buffering=0) for fd in ends[:9]])
+                result["nine"] = "sent"
+            except pybinder.QuotaExceededError as exc:
+                result["nine"] = [exc.quota, exc.limit]
+            back = service.echo([pybinder.ParcelFileDescriptor.dup(fd) for fd in ends[:8]])
+            result["eight"] = [type(b).__name__ for b in back]
+            for b in back:
+                b.close()
+        for fd in ends:
+            os.close(fd)
+        """
+        outcome = run_hostile(body, cluster.socket)
+        assert outcome["nine"] == ["fds_per_transaction", 8]
+        assert outcome["eight"] == ["ParcelFileDescriptor"] * 8
+        still_serves(cluster)
+
+
+def test_descriptors_a_uid_keeps_in_flight_are_bounded(socket_dir):
+    with hostile_cluster(socket_dir, "--fds-per-uid", "16") as cluster:
+        body = """
+        from peers import ITest
+        read_end, write_end = os.pipe()
+        with pybinder.connect(SOCKET, oneway_window=1) as proc:
+            service = proc.get_service("test", ITest, timeout=10)
+            service.record_slowly("hold the lane", 2.0)  # the calls below queue behind it
+            outcomes = []
+            for _ in range(6):
+                try:
+                    service.record([pybinder.ParcelFileDescriptor.dup(write_end)] * 4)
+                    outcomes.append("queued")
+                except pybinder.QuotaExceededError as exc:
+                    outcomes.append(exc.quota)
+            result["outcomes"] = outcomes
+        os.close(read_end)
+        os.close(write_end)
+        """
+        outcome = run_hostile(body, cluster.socket)
+        assert outcome["outcomes"] == ["queued"] * 4 + ["fds_per_uid"] * 2
+        still_serves(cluster)
+
+
+def test_death_links_are_one_per_handle_and_refused_for_handles_not_held(socket_dir):
+    with hostile_cluster(socket_dir) as cluster:
+        body = """
+        from peers import ITest
+        proc = pybinder.connect(SOCKET)
+        handle = proc.get_service("test", ITest, timeout=10).binder.handle
+        sock = raw_connection(SOCKET)
+        sock.send(protocol.encode(protocol.BC_HELLO_THREAD, protocol.PROTOCOL_VERSION, proc.key))
+        assert answer(sock)[0][0] == protocol.BR_HELLO_THREAD
+        link = protocol.encode(protocol.BC_REQUEST_DEATH_NOTIFICATION, handle)
+        for _ in range(200):
+            sock.send(link * 100)  # 20,000 requests for one handle
+        sock.send(protocol.encode(protocol.BC_REQUEST_DEATH_NOTIFICATION, 999))
+        result["unheld"] = answer(sock)[0][0] == protocol.BR_ERROR
+        status = proc.status()
+        mine = next(p for p in status["processes"] if p["pid"] == os.getpid())
+        result["links"] = mine["death_links"]
+        result["handle"] = handle
+        sock.close()
+        proc.close()
+        """
+        outcome = run_hostile(body, cluster.socket)
+        assert outcome["unheld"] is True
+        assert outcome["links"] == [outcome["handle"]]
+        still_serves(cluster)

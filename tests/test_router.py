@@ -40,6 +40,7 @@ from pybinder.protocol import (
     TF_PARTS,
 )
 from pybinder.region import SHM_PREFIX, create_send_area, map_send_area, sweep_dead_brokers_names
+from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 
 REGION = 64 * 1024
 QUOTA = CODE_OF_ERROR[QuotaExceededError]
@@ -50,6 +51,7 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.received: list[tuple[int, ...]] = []
+        self.fds: list[int] = []  # duplicates of the descriptors sent with messages
 
     def commands(self) -> list[int]:
         return [command[0] for command in self.received]
@@ -67,8 +69,9 @@ class World:
         self.processes: list[ProcessRecord] = []
         self.maps: list[object] = []
 
-    def _send(self, conn: FakeConnection, message: bytes) -> None:
+    def _send(self, conn: FakeConnection, message: bytes, fds: list[int] | None = None) -> None:
         conn.received.extend(protocol.decode(message))
+        conn.fds.extend(os.dup(fd) for fd in fds or ())
 
     def _call_later(self, delay: float, callback: object) -> object:
         self.timers.append((delay, callback))
@@ -77,6 +80,7 @@ class World:
     def process(self, uid: int = 1000) -> ProcessRecord:
         key = len(self.processes) + 1
         process = ProcessRecord(key, 4000 + key, uid, uid, REGION)
+        process.conn = FakeConnection()  # where process-wide returns go
         self.router.add_process(process)
         self.processes.append(process)
         return process
@@ -101,6 +105,8 @@ class World:
         for process in self.processes:
             for thread in list(process.threads):
                 thread_exited(self.router, thread)
+                for fd in thread.conn.fds:  # type: ignore[attr-defined]
+                    os.close(fd)
             process.region.close()
         for mapping in self.maps:
             mapping.close()  # type: ignore[attr-defined]
@@ -374,3 +380,141 @@ def test_a_oneway_wait_for_a_name_leaves_no_waiter_and_sends_no_reply(world):
     world.router.transaction(thread, 0, protocol.SM_WAIT_FOR_SERVICE, TF_ONE_WAY, size)
     assert thread.conn.commands() == [BR_TRANSACTION_COMPLETE]
     assert not world.timers and not world.router.service_manager._waiters
+
+
+# -- the object model: pins, death links, loopers on demand, descriptors ---------------
+
+
+def process_returns(process: ProcessRecord) -> list[tuple[int, ...]]:
+    return process.conn.received  # type: ignore[no-any-return]
+
+
+def test_a_node_on_its_way_home_stays_until_its_buffer_is_freed(world):
+    """hub.echo(mine): the reply carries the caller's own node home while the hub
+    releases its handle; the node must outlive the reply buffer (the 'no local node'
+    race), and be released once that buffer is freed."""
+    a, b, handle, caller = caller_and_server(world)
+    server = b.threads[0]
+    size = write_call(caller, ["d", [ObjectRef(OBJ_NODE, 7)], {}])
+    world.router.transaction(caller, handle, 1, 0, size)
+    world.router.free_buffer(server, last(server)[4])  # the hub has read the call
+    (b_handle,) = [h for h, ref in b.refs.items() if ref.node.owner is a]
+    reply = parcel.encode([0, ObjectRef(protocol_handle_kind(), b_handle)])
+    reply.write_into(server.areas[SEND_AREA].view)
+    world.router.reply(server, 0, reply.size)
+    world.router.release(server, b_handle, 1)  # the hub drops its proxy at once
+    assert protocol.BR_RELEASE_NODE not in [c[0] for c in process_returns(a)]
+    assert 7 in a.nodes and a.nodes[7].pinned == 1
+    offset = last(caller)[1]
+    world.router.free_buffer(caller, offset)
+    assert (protocol.BR_RELEASE_NODE, 7, 1) in process_returns(a)
+    assert 7 not in a.nodes
+
+
+def protocol_handle_kind() -> int:
+    return parcel.OBJ_HANDLE
+
+
+def test_death_links_fire_once_per_linked_handle_and_at_once_for_a_dead_node(world):
+    a, b, handle, thread = caller_and_server(world)
+    world.router.request_death_notification(thread, handle)
+    world.router.request_death_notification(thread, handle)  # one link per handle
+    assert len(b.nodes[1].death_links) == 1
+    with pytest.raises(ProtocolError):
+        world.router.request_death_notification(thread, handle + 100)
+    process_died(world.router, b)
+    assert process_returns(a).count((protocol.BR_DEAD_BINDER, handle)) == 1
+    world.router.request_death_notification(thread, handle)  # dead already: at once
+    assert process_returns(a).count((protocol.BR_DEAD_BINDER, handle)) == 2
+
+
+def test_a_cleared_death_link_does_not_fire(world):
+    a, b, handle, thread = caller_and_server(world)
+    world.router.request_death_notification(thread, handle)
+    world.router.clear_death_notification(thread, handle)
+    process_died(world.router, b)
+    assert (protocol.BR_DEAD_BINDER, handle) not in process_returns(a)
+
+
+def test_a_process_whose_loopers_are_busy_is_asked_for_one_more_up_to_max_threads(world):
+    a, b = world.process(), world.process()
+    pool = world.thread(b)
+    world.router.set_max_threads(pool, 2)
+    world.router.register_looper(pool)
+    handle = node_of(world, b, a)
+    callers = [world.thread(a) for _ in range(4)]
+    for caller in callers[:2]:
+        size = write_call(caller, ["d", [], {}])
+        world.router.transaction(caller, handle, 1, 0, size)
+    spawns = [c for c in process_returns(b) if c[0] == protocol.BR_SPAWN_LOOPER]
+    assert len(spawns) == 1 and b.spawn_pending == 1  # one request at a time
+    world.router.register_looper(world.thread(b))  # the spawned looper arrives
+    assert b.spawn_pending == 0 and not b.todo  # and takes the queued call
+    for caller in callers[2:]:
+        size = write_call(caller, ["d", [], {}])
+        world.router.transaction(caller, handle, 1, 0, size)
+    spawns = [c for c in process_returns(b) if c[0] == protocol.BR_SPAWN_LOOPER]
+    assert len(spawns) == 1  # max_threads (2) reached: calls queue, no more requests
+    assert len(b.todo) == 2
+    assert world.router.starving(time.monotonic() + 2) == [(b, pytest.approx(2, abs=1))]
+    assert world.router.starving(time.monotonic() + 3) == []  # reported once
+
+
+def fd_call(world: World, thread: ThreadRecord, count: int) -> tuple[int, list[int]]:
+    """Write a call naming ``count`` descriptors (pipe write ends) and attach them as
+    the daemon does; the parcel's size, and the write ends (the test's to close)."""
+    pipes = [os.pipe() for _ in range(count)]
+    ends = [w for _, w in pipes]
+    sent = [ParcelFileDescriptor.dup(w) for w in ends]
+    encoded = parcel.encode(["d", sent, {}])
+    assert len(encoded.fds) == count
+    encoded.write_into(thread.areas[SEND_AREA].view)
+    thread.fds = [os.dup(w) for w in ends]  # what the daemon received
+    for r, _ in pipes:
+        os.close(r)
+    for pfd in sent:
+        pfd.close()
+    return encoded.size, ends
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_go_with_the_call_to_the_receiver_and_the_broker_keeps_none(world):
+    _a, b, handle, thread = caller_and_server(world)
+    before = open_fds()
+    size, ends = fd_call(world, thread, 3)
+    world.router.transaction(thread, handle, 1, 0, size)
+    looper = b.threads[0]
+    assert last(looper)[0] == BR_TRANSACTION
+    assert len(looper.conn.fds) == 3  # type: ignore[attr-defined]
+    assert world.router.fds_of_uid == {}
+    for fd in [*looper.conn.fds, *ends]:  # type: ignore[attr-defined]
+        os.close(fd)
+    looper.conn.fds.clear()  # type: ignore[attr-defined]
+    assert open_fds() == before
+
+
+@pytest.mark.quotas(fds_per_transaction=2)
+def test_descriptors_beyond_the_call_quota_fail_the_call_and_are_closed(world):
+    _a, b, handle, thread = caller_and_server(world)
+    size, ends = fd_call(world, thread, 3)
+    held = open_fds()
+    world.router.transaction(thread, handle, 1, 0, size)
+    assert quota_named(last(thread)) == "fds_per_transaction"
+    assert open_fds() == held - 3 and not b.buffers
+    for fd in ends:
+        os.close(fd)
+
+
+def test_descriptors_a_parcel_does_not_name_fail_it_and_are_closed(world):
+    _a, b, handle, thread = caller_and_server(world)
+    size = write_call(thread, ["d", [], {}])
+    read_end, write_end = os.pipe()
+    thread.fds = [read_end, write_end]
+    world.router.transaction(thread, handle, 1, 0, size)
+    assert last(thread)[0] == BR_FAILED_REPLY
+    assert thread.fds == [] and world.router.fds_of_uid == {} and not b.buffers
+    with pytest.raises(OSError):
+        os.fstat(read_end)

@@ -327,3 +327,26 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
             busy.wait(10)
         ours.close()
         broker.close()
+
+
+def test_parcel_descriptors_are_named_in_order_and_unclaimed_ones_are_closed():
+    reads, writes = zip(*(os.pipe() for _ in range(3)), strict=True)
+    with open(os.dup(writes[0]), "wb") as first:
+        encoded = parcel.encode({"a": first, "b": [parcel.ObjectRef(parcel.OBJ_FD, 1)]})
+    assert [kind for kind, _, _ in encoded.objects] == [parcel.OBJ_FD, parcel.OBJ_FD]
+    out = bytearray(encoded.size)
+    encoded.write_into(out)
+    assert parcel.count_fds(bytes(out)) == 2
+    received = [os.dup(writes[1]), os.dup(writes[2]), os.dup(writes[0])]
+    got: list[tuple[int, int]] = []
+
+    def decode_object(kind: int, value: int, descriptor: str, extra: int) -> int:
+        got.append((kind, value))
+        return value
+
+    decoded, _ = parcel.decode(bytes(out), decode_object, fds=received[:2] + received[2:])
+    assert decoded == {"a": received[0], "b": [received[1]]}
+    with pytest.raises(OSError):  # the third came with the parcel but was never named
+        os.fstat(received[2])
+    for fd in (*reads, *writes, received[0], received[1]):
+        os.close(fd)

@@ -17,6 +17,7 @@ import heapq
 import itertools
 import logging
 import os
+import resource
 import secrets
 import select
 import signal
@@ -211,6 +212,7 @@ class Broker:
             OSError: the path cannot be created or bound.
         """
         ensure_socket_dir(self.socket_path, shared=self.socket_mode & 0o077 != 0)
+        raise_fd_limit()
         self._take_lock()
         swept = sweep_dead_brokers_names()
         if swept:
@@ -752,6 +754,18 @@ class Broker:
             process_died(self.router, process)
         elif conn.thread is not None:
             thread_exited(self.router, conn.thread)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit (the
+    broker holds a connection per client thread and the descriptors in flight, each
+    bounded by a quota); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 def _is_live(path: Path) -> bool:

@@ -896,7 +896,7 @@ class Router:
         found = []
         for process in self.processes.values():
             since = process.starved_since
-            if since and process.todo and now - since > STARVATION_S:
+            if since > 0 and process.todo and now - since > STARVATION_S:
                 found.append((process, now - since))
                 process.starved_since = -1.0  # reported; reset once the queue drains
         return found
