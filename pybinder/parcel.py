@@ -230,10 +230,22 @@ class EncodedParcel:
         tail: index of the tail buffer, or None.
         fds: the file descriptors its OBJ_FD entries name, in order (borrowed from
             the objects sent: the sender passes them with SCM_RIGHTS, which duplicates
-            them, and keeps them open until then).
+            them).
+        fd_owners: those objects, kept alive with the parcel so that their
+            descriptors stay open until it is sent.
     """
 
-    __slots__ = ("body", "buffers", "fds", "head_size", "objects", "offsets", "size", "tail")
+    __slots__ = (
+        "body",
+        "buffers",
+        "fd_owners",
+        "fds",
+        "head_size",
+        "objects",
+        "offsets",
+        "size",
+        "tail",
+    )
 
     def __init__(
         self,
@@ -246,6 +258,7 @@ class EncodedParcel:
         self.objects = objects
         self.buffers = buffers
         self.fds: list[int] = fds if fds is not None else []
+        self.fd_owners: list[Any] = []
         self.tail: int | None = None
         if buffers:
             self._lay_out()
@@ -336,6 +349,7 @@ class _Encoder:
         self.objects: list[tuple[int, int, int]] = []
         self.buffers: list[memoryview] = []
         self.fds: list[int] = []
+        self.fd_owners: list[Any] = []
         self.encode_object: ObjectEncoder | None = None
         self.packer = msgpack.Packer(default=self.default, use_bin_type=True, datetime=False)
 
@@ -343,11 +357,16 @@ class _Encoder:
         objects: list[tuple[int, int, int]] = []
         buffers: list[memoryview] = []
         fds: list[int] = []
-        self.objects, self.buffers, self.fds = objects, buffers, fds
+        owners: list[Any] = []
+        self.objects, self.buffers, self.fds, self.fd_owners = objects, buffers, fds, owners
         self.encode_object = encode_object
         if type(value) not in _SCALARS:
             value = _lift_buffers(value, self.out_of_band)
-        return EncodedParcel(self.packer.pack(value), objects, buffers, fds)
+        encoded = EncodedParcel(self.packer.pack(value), objects, buffers, fds)
+        if owners:
+            encoded.fd_owners = owners
+            self.fd_owners = []
+        return encoded
 
     def out_of_band(self, view: memoryview) -> msgpack.ExtType:
         self.buffers.append(view)
@@ -366,6 +385,7 @@ class _Encoder:
             fileno = getattr(obj, "fileno", None)
             if fileno is None or isinstance(obj, type):
                 raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
+            self.fd_owners.append(obj)
             return self.add_fd(fileno())
         view = _flat_bytes(view)
         return self.out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()

@@ -25,3 +25,23 @@ def test_quickstart_shows_a_client_and_a_server_talking_through_a_broker():
     assert "raised TypeError remotely" in out
     assert "bytes copied, each exactly once (8388608 of them out-of-band payload)" in out
     assert out.rstrip().endswith("done: broker, server and client have exited")
+
+
+def test_listeners_shows_callbacks_and_a_death_recipient_firing():
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "listeners.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "broker: pybinder broker listening on" in out
+    assert "server: add_listener got an IListener.Proxy from pid" in out
+    for tick in (1, 2, 3):
+        assert f"client: listener got 'tick {tick}' from pid" in out
+    assert "client: hub alive: True" in out
+    assert "server: published 3 ticks; exiting" in out
+    assert "client: death recipient: the hub in pid" in out
+    assert "client: hub alive: False" in out
+    assert out.rstrip().endswith("done: the client saw the hub's events and its death")

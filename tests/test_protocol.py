@@ -165,6 +165,8 @@ def test_service_manager_codes_match_the_broker():
         "add_service": protocol.SM_ADD_SERVICE,
         "list_services": protocol.SM_LIST_SERVICES,
         "status": protocol.SM_STATUS,
+        "register_for_notifications": protocol.SM_REGISTER_FOR_NOTIFICATIONS,
+        "unregister_for_notifications": protocol.SM_UNREGISTER_FOR_NOTIFICATIONS,
     }
 
 

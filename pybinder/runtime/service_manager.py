@@ -41,3 +41,12 @@ class IServiceManager(Interface):
     @method
     def status(self) -> dict[str, Any]:
         """The broker's counters and connected processes."""
+
+    @method
+    def register_for_notifications(self, name: str, callback: Any) -> None:
+        """Call ``callback`` (a pybinder.IServiceCallback node) with (name, binder)
+        whenever ``name`` is added, and now if it exists."""
+
+    @method
+    def unregister_for_notifications(self, name: str, callback: Any) -> None:
+        """Undo :meth:`register_for_notifications` for ``callback``."""

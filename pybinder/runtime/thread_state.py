@@ -185,7 +185,7 @@ class ThreadState:
         self._failed = 0  # how many of those failed, seen
         self._late_error: BinderError | None = None  # the first failed windowed call's
         self._fds: deque[int] = deque()  # descriptors received, not yet taken by a parcel
-        self._reply_fds: list[int] = []  # those of the reply being sent
+        self._reply: parcel.EncodedParcel | None = None  # the reply being sent, if it has fds
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -236,7 +236,8 @@ class ThreadState:
             )
         else:
             placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
-            self._send(_pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0), fds)
+            message = _pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0)
+            self._send(message, encoded if fds else None)
         started = time.perf_counter()
         outcome = self._wait_for(_OUTCOMES, self._spin)
         self._observe_wait(time.perf_counter() - started)
@@ -509,11 +510,9 @@ class ThreadState:
         finally:
             stack.pop()
         free = _pack_free(BC_FREE_BUFFER, offset)
-        reply_fds, self._reply_fds = self._reply_fds, []
-        if (
-            reply_fds and placed is not None
-        ):  # the reply carries descriptors: it goes with them, alone
-            self._send(_pack_reply(BC_REPLY, 0, *placed) + free, reply_fds)
+        with_fds, self._reply = self._reply, None
+        if with_fds is not None and placed is not None:  # it goes with its descriptors
+            self._send(_pack_reply(BC_REPLY, 0, *placed) + free, with_fds)
             return
         if oneway:
             if reply[0] == REPLY_EXCEPTION:
@@ -542,7 +541,8 @@ class ThreadState:
             if _goes_in_parts(encoded, tail_len):
                 self._send_in_parts(encoded, _reply_in_parts)
                 return None
-            self._reply_fds = encoded.fds
+            if encoded.fds:  # kept (with the objects that own them) until it is sent
+                self._reply = encoded
             return self._write(encoded, tail_offset, tail_len)
         except TransactionTooLargeError as exc:  # raised before any part was sent
             return self._write(parcel.encode(binder_error_reply(exc)), 0, 0)
@@ -749,7 +749,14 @@ class ThreadState:
 
     # -- the socket --------------------------------------------------------------------------
 
-    def _send(self, message: bytes, fds: list[int] | None = None) -> None:
+    def _send(self, message: bytes, with_fds: parcel.EncodedParcel | None = None) -> None:
+        """Send ``message`` (after this thread's pending answers, before its deferred
+        frees), with the descriptors of ``with_fds`` (SCM_RIGHTS); then any releases
+        dropped proxies queued.
+
+        Raises:
+            BrokerUnavailableError: the broker went away.
+        """
         if self._outbox:  # earlier transactions' dones first
             message = self._outbox + message
             self._outbox = b""
@@ -757,8 +764,11 @@ class ThreadState:
             message += self._deferred
             self._deferred = b""
         try:
-            if fds:
-                socket.send_fds(self._sock, [message], fds)
+            if with_fds is not None:
+                socket.send_fds(self._sock, [message], with_fds.fds)
+                # Only now may the objects that own them go (compiled code drops a
+                # local after its last use, which would close them before the send).
+                with_fds.fd_owners.clear()
             else:
                 self._sock.send(message)
             # After the message: a handle it names may be one a dropped proxy released.
