@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from peers import ITest
@@ -87,3 +89,30 @@ def test_commands_without_a_broker_exit_2_with_a_hint(socket_dir):
 )
 def test_sizes_parse_in_binary_units(text, size):
     assert parse_size(text) == size
+
+
+def test_status_shows_the_object_graph_and_pending_calls_with_their_age(cluster, proc):
+    server = cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)
+    service.link_to_death(lambda _: None)
+    sleeper = threading.Thread(target=service.sleep, args=(1.5,))
+    sleeper.start()
+    time.sleep(0.5)
+    report = json.loads(run_cli(cluster.socket, "status", "--json").stdout)
+    table = run_cli(cluster.socket, "status").stdout
+    sleeper.join(10)
+    by_pid = {p["pid"]: p for p in report["processes"]}
+    serving, me = by_pid[server.pid], by_pid[os.getpid()]
+    # held by the service manager's entry and by this process
+    assert {"descriptor": "tests.ITest", "id": 1, "refs": 2} in [
+        {k: n[k] for k in ("descriptor", "id", "refs")} for n in serving["nodes"]
+    ]
+    handle = service.binder.handle
+    (ref,) = [r for r in me["refs"] if r["handle"] == handle]
+    assert ref["node"]["pid"] == server.pid and ref["death_link"] is True
+    assert me["death_links"] == [handle]
+    (running,) = [t for t in serving["pending"] if t["from_pid"] == os.getpid()]
+    assert running["state"] == "running" and running["age_s"] >= 0.4
+    assert f"pid {server.pid} node 1 tests.ITest: 2 refs held by others" in table
+    assert f"pid {os.getpid()} handle {handle} -> pid {server.pid} node 1" in table
+    assert "death link" in table and "running call code" in table

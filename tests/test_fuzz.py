@@ -1079,6 +1079,9 @@ def thread_fields(sizes: list[int]) -> dict[int, tuple[st.SearchStrategy[int], .
         BC_RELEASE: (handle, st.sampled_from([0, 1, 2]) | u64()),
         BC_PARCEL_READY: (size,),
         BC_SET_SEND_AREA: (area, st.sampled_from([SEND_AREA, LOAN_AREA]) | u32()),
+        protocol.BC_REQUEST_DEATH_NOTIFICATION: (handle,),
+        protocol.BC_CLEAR_DEATH_NOTIFICATION: (handle,),
+        protocol.BC_SET_MAX_THREADS: (st.sampled_from([0, 1, 4, 256, 257]) | u32(),),
         **hello_fields(),
     }
 

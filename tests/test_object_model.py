@@ -401,3 +401,13 @@ def test_a_server_whose_loopers_stay_busy_while_calls_queue_is_named_in_the_log(
     broker.stop(signal.SIGTERM)
     assert f"pid {server.pid}: all 2 of its loopers" in broker.stderr_text
     assert "thread-pool starvation" in broker.stderr_text
+
+
+def test_when_the_broker_goes_every_proxy_is_dead_and_its_recipients_fire(cluster, proc):
+    cluster.server()
+    service = proc.get_service("test", ITest, timeout=10)
+    fired = threading.Event()
+    service.link_to_death(lambda dead: fired.set() if dead is service else None)
+    cluster.peers[0].stop(signal.SIGTERM)
+    assert fired.wait(2.0)
+    assert not service.is_binder_alive()

@@ -179,7 +179,8 @@ class ThreadState:
         # Oneway parcels of up to a quarter of it (without a loan) go in the window;
         # larger ones stream fast enough one at a time (their copy dominates).
         self._window_ring = min(WINDOW_RING, (process.max_parcel - _END_BYTES) & ~63)
-        self._in_window: deque[tuple[int, int]] = deque()  # (start, end) in the ring, each
+        # (start, end) in the ring, and the handle called, of each call in flight
+        self._in_window: deque[tuple[int, int, int]] = deque()
         self._window_head = 0  # where in the window ring the next call may start
         self._settled = 0  # this thread's windowed calls the broker has settled, seen
         self._failed = 0  # how many of those failed, seen
@@ -290,7 +291,7 @@ class ThreadState:
             _pack_transaction(BC_TRANSACTION, handle, code, flags | TF_WINDOW, size, 0, 0, at)
         )
         end = at + size
-        self._in_window.append((at, end))
+        self._in_window.append((at, end, handle))
         self._window_head = (end + 63) & ~63
 
     def _window_start(self, size: int) -> int:
@@ -340,29 +341,36 @@ class ThreadState:
         assert words is not None
         settled = self._wait_for_word(SETTLED_WORD, self._settled + 1)
         failed = words[FAILED_WORD]  # written before the settled word
+        targets: set[int] = set()
         for _ in range(min(settled - self._settled, len(self._in_window))):
-            self._in_window.popleft()
+            targets.add(self._in_window.popleft()[2])
         self._settled = settled
         if not self._in_window:
             self._window_head = 0
         while self._failed < failed:  # each failure's message came before the words
             self._failed += 1
-            self._keep_late_error(self._wait_for(_OUTCOMES, self._spin))
+            self._keep_late_error(self._wait_for(_OUTCOMES, self._spin), targets)
 
-    def _keep_late_error(self, outcome: tuple[int, ...]) -> None:
+    def _keep_late_error(self, outcome: tuple[int, ...], targets: set[int]) -> None:
+        """Keep the first failure of a windowed call (one of those to the handles
+        ``targets``) for the thread's next call, naming its target."""
         op = outcome[0]
         if op == BR_REPLY:  # not an answer to a oneway call: the broker is confused
             self._drop_reply(outcome[1], outcome[2])
             error: BinderError = ProtocolError("a reply to a oneway call")
         elif op == BR_DEAD_REPLY:
-            target = self._process.describe_handle(outcome[1])
-            error = DeadObjectError(f"its target, {target}, has died")
+            error = DeadObjectError("its target has died")
         elif op == BR_TRANSACTION_COMPLETE:
             error = ProtocolError("an acknowledgement of a windowed oneway call")
         else:
             error = _failure(outcome[1], outcome[2], outcome[3])
         if self._late_error is None:
-            error.args = (f"an earlier oneway call on this thread failed: {error}",)
+            handle = outcome[1] if op == BR_DEAD_REPLY and outcome[1] else min(targets, default=0)
+            if op == BR_DEAD_REPLY or len(targets) == 1:
+                where = f" to {self._process.describe_handle(handle)}"
+            else:
+                where = f" to one of handles {sorted(targets)}"
+            error.args = (f"an earlier oneway call{where} on this thread failed: {error}",)
             self._late_error = error
 
     def _raise_late_error(self) -> None:
