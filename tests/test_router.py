@@ -419,7 +419,7 @@ def test_death_links_fire_once_per_linked_handle_and_at_once_for_a_dead_node(wor
     a, b, handle, thread = caller_and_server(world)
     world.router.request_death_notification(thread, handle)
     world.router.request_death_notification(thread, handle)  # one link per handle
-    assert len(b.nodes[1].death_links) == 1
+    assert list(b.nodes[1].refs) == [a.refs[handle]] and a.refs[handle].death_linked
     with pytest.raises(ProtocolError):
         world.router.request_death_notification(thread, handle + 100)
     process_died(world.router, b)
@@ -428,12 +428,16 @@ def test_death_links_fire_once_per_linked_handle_and_at_once_for_a_dead_node(wor
     assert process_returns(a).count((protocol.BR_DEAD_BINDER, handle)) == 2
 
 
-def test_a_cleared_death_link_does_not_fire(world):
+def test_every_holder_learns_of_a_death_linked_or_not_and_a_cleared_link_shows_no_more(world):
     a, b, handle, thread = caller_and_server(world)
+    c = world.process()
+    other = node_of(world, b, c)
     world.router.request_death_notification(thread, handle)
     world.router.clear_death_notification(thread, handle)
+    assert not a.refs[handle].death_linked
     process_died(world.router, b)
-    assert (protocol.BR_DEAD_BINDER, handle) not in process_returns(a)
+    assert (protocol.BR_DEAD_BINDER, handle) in process_returns(a)
+    assert (protocol.BR_DEAD_BINDER, other) in process_returns(c)
 
 
 def test_a_process_whose_loopers_are_busy_is_asked_for_one_more_up_to_max_threads(world):

@@ -53,7 +53,7 @@ class Node:
             named it ("" if unknown).
         pinned: buffers that carry it and are not yet freed: each holds it, as
             binder's transaction buffers hold their objects.
-        death_links: the refs whose processes asked for BR_DEAD_BINDER when it dies.
+        refs: every process's ref to it; each gets BR_DEAD_BINDER when it dies.
     """
 
     owner: ProcessRecord
@@ -66,7 +66,7 @@ class Node:
     async_todo: deque[Transaction] = field(default_factory=deque)
     async_busy: int = 0
     oneway_senders: dict[ThreadRecord, int] = field(default_factory=dict)
-    death_links: dict[Ref, None] = field(default_factory=dict)
+    refs: dict[Ref, None] = field(default_factory=dict)
 
     @property
     def dead(self) -> bool:
@@ -79,8 +79,9 @@ class Ref:
 
     ``call_denied``: the process got it by a name lookup the access policy lets it
     make but whose calls it denies; a delivery of the node in a parcel (a
-    capability, as in Binder) clears it. ``death_linked``: the process asked for
-    BR_DEAD_BINDER when the node dies (BC_REQUEST_DEATH_NOTIFICATION).
+    capability, as in Binder) clears it. ``death_linked``: the process linked a death
+    recipient (BC_REQUEST_DEATH_NOTIFICATION; every holder gets BR_DEAD_BINDER when
+    the node dies, and a link to a node dead already gets it at once).
     """
 
     process: ProcessRecord
@@ -364,6 +365,7 @@ class ProcessRecord:
             self.next_handle += 1
             self.refs[ref.handle] = ref
             self.ref_of_node[node] = ref
+            node.refs[ref] = None
             node.holders += 1
         return ref
 

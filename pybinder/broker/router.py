@@ -827,8 +827,7 @@ class Router:
         process, node = ref.process, ref.node
         del process.refs[ref.handle]
         del process.ref_of_node[node]
-        if ref.death_linked:
-            node.death_links.pop(ref, None)
+        node.refs.pop(ref, None)
         node.holders -= 1
         self.maybe_release(node)
 
@@ -904,8 +903,9 @@ class Router:
     # -- death notifications (BC_REQUEST_DEATH_NOTIFICATION) -------------------------
 
     def request_death_notification(self, thread: ThreadRecord, handle: int) -> None:
-        """Send BR_DEAD_BINDER(handle) to ``thread``'s process when the handle's node
-        dies; at once if it is dead already.
+        """Note that ``thread``'s process links a death recipient to ``handle`` (every
+        holder gets BR_DEAD_BINDER when the node dies); if it is dead already, send
+        BR_DEAD_BINDER(handle) at once.
 
         Raises:
             ProtocolError: the process holds no such handle.
@@ -918,22 +918,18 @@ class Router:
             self.notify(process, protocol.encode(BR_DEAD_BINDER, handle))
             return
         ref.death_linked = True
-        ref.node.death_links[ref] = None
 
     def clear_death_notification(self, thread: ThreadRecord, handle: int) -> None:
         """Cancel a death notification (a handle not held or not linked is ignored:
         the runtime may clear after its ref went)."""
         ref = thread.process.refs.get(handle)
-        if ref is not None and ref.death_linked:
+        if ref is not None:
             ref.death_linked = False
-            ref.node.death_links.pop(ref, None)
 
     def send_death_notices(self, node: Node) -> None:
-        """``node``'s owner died: BR_DEAD_BINDER to every process linked to it."""
-        links = node.death_links
-        node.death_links = {}
-        for ref in links:
-            ref.death_linked = False
+        """``node``'s owner died: BR_DEAD_BINDER to every process holding a ref to it
+        (O(its refs)); each marks its proxy dead and runs its recipients."""
+        for ref in node.refs:
             self.notify(ref.process, protocol.encode(BR_DEAD_BINDER, ref.handle))
 
 
