@@ -428,13 +428,18 @@ def decode(
     Raises:
         ProtocolError: the parcel is malformed or its body is not valid msgpack.
     """
-    received = fds or []
+    if not fds:
+        return _decode(parcel, decode_object, copy_buffers, _NO_FDS)
+    received = fds
     try:
         return _decode(parcel, decode_object, copy_buffers, received)
     finally:
         for fd in received:  # the ones decode_object did not take
             if fd >= 0:
                 _close_quietly(fd)
+
+
+_NO_FDS: Final[list[int]] = []  # never changed: a parcel without descriptors names none
 
 
 def _close_quietly(fd: int) -> None:

@@ -134,6 +134,7 @@ BR_FAILED_REPLY: Final = 0x5209  # code, size, limit: the transaction could not 
 BR_RELEASE_NODE: Final = 0x520A  # node, count: no remote references left to a local node
 BR_DEAD_BINDER: Final = 0x520B  # handle: the node behind a handle with a death link has died
 BR_SPAWN_LOOPER: Final = 0x520C  # every looper is busy and work waits: start one more
+BR_FDS: Final = 0x520D  # count: the next message carries `count` descriptors (SCM_RIGHTS)
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
@@ -199,6 +200,7 @@ _FIELDS: Final[dict[int, str]] = {
     BR_RELEASE_NODE: "QQ",
     BR_DEAD_BINDER: "Q",
     BR_SPAWN_LOOPER: "",
+    BR_FDS: "I",
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -298,7 +297,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
     busy = None
     try:
         broker.send(b"waiting")
-        assert recv_polling(ours, poller, 1.0, deque()) == (b"waiting", False)
+        assert recv_polling(ours, poller, 1.0) == (b"waiting", False)
 
         # Polled 2 ms, then blocked. A real yield here may run some other thread (a
         # kernel worker, another test's process) and so rightly end the poll early;
@@ -309,7 +308,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
             patch.setattr(os, "sched_yield", lambda: None)
             patch.setattr(thread_state, "SHARED_CPU_YIELD", 1.0)
             threading.Timer(0.02, broker.send, [b"late"]).start()
-            assert recv_polling(ours, poller, 0.002, deque()) == (b"late", True)
+            assert recv_polling(ours, poller, 0.002) == (b"late", True)
 
         cpu = min(cpus)
         busy = subprocess.Popen(
@@ -319,7 +318,7 @@ def test_a_poll_runs_out_only_without_a_message_and_without_a_busy_neighbour():
         os.sched_setaffinity(0, {cpu})
         threading.Timer(0.4, broker.send, [b"shared"]).start()
         # it arrives after the spin, but the poll gave way and blocked first
-        assert recv_polling(ours, poller, 0.2, deque()) == (b"shared", False)
+        assert recv_polling(ours, poller, 0.2) == (b"shared", False)
     finally:
         os.sched_setaffinity(0, cpus)
         if busy is not None:

@@ -53,6 +53,7 @@ from pybinder.protocol import (
     BR_DEAD_REPLY,
     BR_ERROR,
     BR_FAILED_REPLY,
+    BR_FDS,
     BR_RELEASE_NODE,
     BR_REPLY,
     BR_SPAWN_LOOPER,
@@ -142,6 +143,9 @@ class Router:
             if thread.alive:
                 if thread.process.notifications:
                     self.flush_notifications(thread)
+                # A message of its own first, so the receiver reads the next one with
+                # room for descriptors (recvmsg), and every other with a plain recv.
+                self._send(thread.conn, protocol.encode(BR_FDS, len(fds)))
                 self._send(thread.conn, message, fds)
         finally:
             for buffer in buffers:
