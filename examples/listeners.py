@@ -101,9 +101,12 @@ def client(socket_path: str) -> None:
     with pybinder.connect(socket_path) as proc:
         proc.start_thread_pool(2)  # the hub calls the listener from its own thread
         hub = proc.get_service(HUB, IHub, timeout=TIMEOUT)
+        # get_service is typed to return an IHub; the hub is in another process, so it
+        # is an IHub.Proxy, a ProxyBase too (link_to_death, is_binder_alive, binder).
+        assert isinstance(hub, pybinder.ProxyBase)
         died = threading.Event()
 
-        def on_hub_death(proxy: IHub) -> None:
+        def on_hub_death(proxy: pybinder.ProxyBase) -> None:
             print(f"death recipient: the hub in pid {proxy.binder.owner_pid} died", flush=True)
             died.set()
 

@@ -31,6 +31,7 @@ use_compiled_or_source()  # before any compiled module is imported
 from pybinder.errors import (
     BinderError,
     BrokerUnavailableError,
+    DeadlineExceededError,
     DeadObjectError,
     InterfaceMismatchError,
     ProtocolError,
@@ -43,6 +44,7 @@ from pybinder.errors import (
     UnknownTransactionError,
 )
 from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
+from pybinder.runtime.deadline import deadline, get_deadline, is_cancelled, time_remaining
 from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface, method, oneway
 from pybinder.runtime.process_state import ProcessState, connect
@@ -56,6 +58,7 @@ __all__ = [
     "BinderProxy",
     "BrokerUnavailableError",
     "DeadObjectError",
+    "DeadlineExceededError",
     "Interface",
     "InterfaceMismatchError",
     "ParcelFileDescriptor",
@@ -71,9 +74,13 @@ __all__ = [
     "UnknownTransactionError",
     "__version__",
     "connect",
+    "deadline",
     "get_calling_gid",
     "get_calling_pid",
     "get_calling_uid",
+    "get_deadline",
+    "is_cancelled",
     "method",
     "oneway",
+    "time_remaining",
 ]

@@ -53,6 +53,11 @@ class InterfaceMismatchError(BinderError):
     """The caller's interface descriptor is not the target's (enforceInterface failed)."""
 
 
+class DeadlineExceededError(BinderError, TimeoutError):
+    """A call was not answered before its deadline (gRPC's DEADLINE_EXCEEDED): the
+    broker has cancelled it, a late reply is dropped, and the thread goes on."""
+
+
 class ProxyClosedError(BinderError, ValueError):
     """A call on a proxy after its ``close()`` (as I/O on a closed file): this process
     released its reference, so it can no longer reach the node through it."""
@@ -113,6 +118,7 @@ ERROR_CODES: dict[int, type[BinderError]] = {
     9: QuotaExceededError,
     10: SecurityError,
     11: ProxyClosedError,
+    12: DeadlineExceededError,
 }
 CODE_OF_ERROR: dict[type[BinderError], int] = {cls: code for code, cls in ERROR_CODES.items()}
 

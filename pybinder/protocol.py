@@ -120,6 +120,8 @@ BC_REQUEST_DEATH_NOTIFICATION: Final = 0x430B  # handle: send BR_DEAD_BINDER whe
 BC_CLEAR_DEATH_NOTIFICATION: Final = 0x430C  # handle: no BR_DEAD_BINDER for it after all
 BC_SET_MAX_THREADS: Final = 0x430D  # n: ask for up to n loopers (BINDER_SET_MAX_THREADS)
 BC_REGISTER_LOOPER: Final = 0x430E  # BC_ENTER_LOOPER for a thread of the pool (counts toward n)
+BC_DEADLINE: Final = 0x430F  # ns: the next BC_TRANSACTION's deadline (CLOCK_MONOTONIC, ns)
+BC_CANCEL_TRANSACTION: Final = 0x4310  # give up the two-way call this thread waits on
 
 # -- returns the broker sends (binder's BR_*) ---------------------------------------
 BR_HELLO_PROCESS: Final = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
@@ -135,6 +137,8 @@ BR_RELEASE_NODE: Final = 0x520A  # node, count: no remote references left to a l
 BR_DEAD_BINDER: Final = 0x520B  # handle: the node behind a handle with a death link has died
 BR_SPAWN_LOOPER: Final = 0x520C  # every looper is busy and work waits: start one more
 BR_FDS: Final = 0x520D  # count: the next message carries `count` descriptors (SCM_RIGHTS)
+BR_DEADLINE: Final = 0x520E  # ns: the next BR_TRANSACTION's deadline (CLOCK_MONOTONIC, ns)
+BR_CANCEL_DONE: Final = 0x520F  # found: the call is given up (1), or had ended, outcome sent (0)
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
@@ -188,6 +192,8 @@ _FIELDS: Final[dict[int, str]] = {
     BC_CLEAR_DEATH_NOTIFICATION: "Q",
     BC_SET_MAX_THREADS: "I",
     BC_REGISTER_LOOPER: "",
+    BC_DEADLINE: "Q",
+    BC_CANCEL_TRANSACTION: "",
     BR_HELLO_PROCESS: "QQQ",
     BR_HELLO_THREAD: "Q",
     BR_OK: "",
@@ -201,6 +207,8 @@ _FIELDS: Final[dict[int, str]] = {
     BR_DEAD_BINDER: "Q",
     BR_SPAWN_LOOPER: "",
     BR_FDS: "I",
+    BR_DEADLINE: "Q",
+    BR_CANCEL_DONE: "I",
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.

@@ -522,3 +522,39 @@ def test_descriptors_a_parcel_does_not_name_fail_it_and_are_closed(world):
     assert thread.fds == [] and world.router.fds_of_uid == {} and not b.buffers
     with pytest.raises(OSError):
         os.fstat(read_end)
+
+
+# -- deadlines and cancellation -------------------------------------------------------
+
+
+def test_a_deadline_travels_with_its_call_and_a_cancel_drops_the_late_reply(world):
+    a, b, handle, caller = caller_and_server(world)
+    server = b.threads[0]
+    size = write_call(caller, ["d", [], {}])
+    world.router.set_deadline(caller, 123_456_789)
+    world.router.transaction(caller, handle, 1, 0, size)
+    received = server.conn.received  # type: ignore[attr-defined]
+    assert received[-2] == (protocol.BR_DEADLINE, 123_456_789)
+    assert received[-1][0] == BR_TRANSACTION and caller.next_deadline == 0
+    world.router.cancel(caller)
+    assert last(caller) == (protocol.BR_CANCEL_DONE, 1) and caller.outgoing is None
+    world.router.free_buffer(server, received[-1][4])
+    reply = parcel.encode([0, "late"])
+    reply.write_into(server.areas[SEND_AREA].view)
+    world.router.reply(server, 0, reply.size)
+    assert last(caller) == (protocol.BR_CANCEL_DONE, 1)  # nothing more for that call
+    assert not a.buffers and not b.buffers and not b.nodes[1].active
+    world.router.cancel(caller)  # nothing outstanding: the outcome went already
+    assert last(caller) == (protocol.BR_CANCEL_DONE, 0)
+
+
+def test_a_cancelled_call_still_queued_leaves_its_queue_and_frees_its_buffer(world):
+    a, b = world.process(), world.process()
+    handle = node_of(world, b, a)
+    caller = world.thread(a)
+    size = write_call(caller, ["d", [], {}])
+    world.router.transaction(caller, handle, 1, 0, size)  # no looper: it queues
+    assert len(b.todo) == 1 and b.buffers
+    world.router.cancel(caller)
+    assert not b.todo and not b.buffers and not b.nodes[1].active
+    assert last(caller) == (protocol.BR_CANCEL_DONE, 1)

@@ -26,7 +26,7 @@ def main() -> None:
         print(f"calc.checksum(8 MiB) = {remote[:16]}... {same} the local sha256", flush=True)
         print(f"the server has done {len(calc.history())} things", flush=True)
         try:
-            calc.add("two", 40)
+            calc.add("two", 40)  # type: ignore[arg-type]  # wrong on purpose
         except TypeError as exc:
             print(f"calc.add('two', 40) raised TypeError remotely: {exc}", flush=True)
 

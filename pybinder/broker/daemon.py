@@ -91,7 +91,14 @@ _HOT_COMMANDS: Final = frozenset((BC_TRANSACTION, BC_REPLY, protocol.BC_FREE_BUF
 #: A thread's commands that wait, in order, behind its oneway call waiting for room
 #: (Router.hold). BC_RELEASE too: a held call may name the handle it releases.
 _HELD_COMMANDS: Final = frozenset(
-    (BC_TRANSACTION, BC_REPLY, protocol.BC_PARCEL_READY, protocol.BC_RELEASE)
+    (
+        BC_TRANSACTION,
+        BC_REPLY,
+        protocol.BC_PARCEL_READY,
+        protocol.BC_RELEASE,
+        protocol.BC_DEADLINE,
+        protocol.BC_CANCEL_TRANSACTION,
+    )
 )
 _STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
 _RELOAD_SIGNAL: Final = int(signal.SIGHUP)
@@ -200,6 +207,8 @@ class Broker:
             protocol.BC_CLEAR_DEATH_NOTIFICATION: router.clear_death_notification,
             protocol.BC_SET_MAX_THREADS: router.set_max_threads,
             protocol.BC_REGISTER_LOOPER: router.register_looper,
+            protocol.BC_DEADLINE: router.set_deadline,
+            protocol.BC_CANCEL_TRANSACTION: router.cancel,
         }
 
     # -- life cycle -------------------------------------------------------------------

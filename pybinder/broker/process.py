@@ -196,6 +196,7 @@ class ThreadRecord:
         self.window_call = False
         self.sm_waits = 0  # its get_service calls waiting in the service manager
         self.fds: list[int] = []  # descriptors of the message being handled, not yet taken
+        self.next_deadline = 0  # BC_DEADLINE for its next BC_TRANSACTION (ns; 0: none)
 
     def take_fds(self) -> list[int]:
         """The descriptors that came with the message being handled, now the caller's

@@ -79,12 +79,17 @@ class Transaction:
         batch: the oneway calls of its lane handed to the same looper with it.
         started: when it was sent (time.monotonic(), seconds), for its age in status
             and the starvation warning.
+        deadline: when its caller gives up (CLOCK_MONOTONIC, ns; 0: never), passed
+            to the thread that runs it (BR_DEADLINE).
+        cancelled: its caller gave up (BC_CANCEL_TRANSACTION); a reply is dropped.
     """
 
     __slots__ = (
         "batch",
         "buffer",
+        "cancelled",
         "code",
+        "deadline",
         "flags",
         "from_thread",
         "in_async_lane",
@@ -130,6 +135,8 @@ class Transaction:
         self.to_thread: ThreadRecord | None = None
         self.batch: list[Transaction] | None = None
         self.started = time.monotonic()
+        self.deadline = 0
+        self.cancelled = False
 
     @property
     def target(self) -> ProcessRecord:

@@ -46,11 +46,15 @@ from pybinder.parcel import (
 )
 from pybinder.parcel import encode as encode_parcel
 from pybinder.protocol import (
+    BC_CANCEL_TRANSACTION,
+    BC_DEADLINE,
     BC_RELEASE,
     BC_REPLY,
     BC_TRANSACTION,
+    BR_CANCEL_DONE,
     BR_DEAD_BINDER,
     BR_DEAD_REPLY,
+    BR_DEADLINE,
     BR_ERROR,
     BR_FAILED_REPLY,
     BR_FDS,
@@ -75,6 +79,7 @@ log: Final = logging.getLogger("pybinder.broker")
 
 _BR_TRANSACTION: Final = protocol.COMMAND_STRUCTS[BR_TRANSACTION]
 _BR_REPLY: Final = protocol.COMMAND_STRUCTS[BR_REPLY]
+_BR_DEADLINE: Final = protocol.COMMAND_STRUCTS[BR_DEADLINE]
 
 #: The most queued oneway calls of one node's lane delivered to a looper in one
 #: message (48 bytes each; a message holds at most MAX_MESSAGE): a stream's receiver
@@ -257,6 +262,8 @@ class Router:
             parent = thread.incoming[-1] if thread.incoming else None
             txn = Transaction(ref.node, code, flags, span, thread, parent)
             txn.buffer = prefilled
+            if thread.next_deadline:
+                txn.deadline, thread.next_deadline = thread.next_deadline, 0
             if txn.oneway:
                 self._start_oneway(txn)
             else:
@@ -442,6 +449,10 @@ class Router:
             self.reply(thread, flags, size, tail_offset, tail_len)
         elif op == BC_RELEASE:
             self.release(thread, command[1], command[2])
+        elif op == BC_DEADLINE:
+            self.set_deadline(thread, command[1])
+        elif op == BC_CANCEL_TRANSACTION:
+            self.cancel(thread)
         else:
             self.parts.ready(thread, command[1])
 
@@ -638,12 +649,24 @@ class Router:
         self.send(thread, message)
 
     def _handed(self, thread: ThreadRecord, txn: Transaction) -> bytes:
-        """Record ``txn`` as ``thread``'s; its BR_TRANSACTION."""
+        """Record ``txn`` as ``thread``'s; its BR_TRANSACTION (after its BR_DEADLINE)."""
         buffer = txn.buffer
         assert buffer is not None
         txn.to_thread = thread
         buffer.thread = thread
         txn.target.transactions_received += 1
+        if txn.deadline:
+            return _BR_DEADLINE.pack(BR_DEADLINE, txn.deadline) + _BR_TRANSACTION.pack(
+                BR_TRANSACTION,
+                txn.node.local_id,
+                txn.code,
+                txn.flags,
+                buffer.offset,
+                txn.size,
+                txn.sender_pid,
+                txn.sender_uid,
+                txn.sender_gid,
+            )
         return _BR_TRANSACTION.pack(
             BR_TRANSACTION,
             txn.node.local_id,
@@ -691,8 +714,10 @@ class Router:
                 self.fail(caller, error)
                 if prefilled is not None:
                     self.free(caller.process, prefilled)
-        elif prefilled is not None and caller is not None and not caller.process.dead:
-            self.free(caller.process, prefilled)  # nobody waits for it any more
+        elif prefilled is not None:  # nobody waits for it any more (gone, or gave up)
+            owner = caller if caller is not None else txn.origin
+            if owner is not None and not owner.process.dead:
+                self.free(owner.process, prefilled)
         if span.fds:
             self.close_span_fds(span, thread.process.uid)
         self.finish(txn)  # after the reply is on its way: the caller need not wait for it
@@ -871,6 +896,48 @@ class Router:
         if thread.in_pool:
             thread.in_pool = False
             thread.process.pool_loopers -= 1
+
+    # -- deadlines and cancellation (BC_DEADLINE, BC_CANCEL_TRANSACTION) ------------
+
+    def set_deadline(self, thread: ThreadRecord, deadline_ns: int) -> None:
+        """BC_DEADLINE: the deadline of ``thread``'s next BC_TRANSACTION."""
+        thread.next_deadline = deadline_ns
+
+    def cancel(self, thread: ThreadRecord) -> None:
+        """BC_CANCEL_TRANSACTION: ``thread`` gives up the two-way call it waits on.
+
+        A call still queued is taken out and its buffer freed; one being run is marked
+        cancelled, and its reply will be dropped (its server sees its deadline pass).
+        ``thread`` then gets BR_CANCEL_DONE(1) and nothing more for that call; if the
+        call had ended already its outcome went first, and BR_CANCEL_DONE(0) follows.
+        """
+        txn = thread.outgoing
+        if txn is None:
+            self.send(thread, protocol.encode(BR_CANCEL_DONE, 0))
+            return
+        thread.outgoing = None
+        txn.from_thread = None
+        txn.cancelled = True
+        if txn.to_thread is None:
+            self._unqueue(txn)
+        self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
+
+    def _unqueue(self, txn: Transaction) -> None:
+        """Take a given-up transaction not yet handed to a thread out of its queue,
+        and free its buffer."""
+        node = txn.node
+        if txn in txn.target.todo:
+            txn.target.todo.remove(txn)
+            self.finish(txn)  # it held its node's oneway lane, if it was in it
+        elif txn in node.async_todo:
+            node.async_todo.remove(txn)  # it waited behind the lane: never held it
+            node.active -= 1
+            self.maybe_release(node)
+        else:
+            return
+        buffer = txn.buffer
+        if buffer is not None and not txn.target.dead and buffer.offset in txn.target.buffers:
+            self.free(txn.target, buffer)
 
     # -- loopers on demand (BR_SPAWN_LOOPER) ---------------------------------------
 

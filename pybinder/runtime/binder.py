@@ -13,6 +13,7 @@ from pybinder import parcel
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
+    DeadlineExceededError,
     DeadObjectError,
     InterfaceMismatchError,
     ProtocolError,
@@ -31,6 +32,7 @@ from pybinder.protocol import (
     REPLY_OK,
     TF_ONE_WAY,
 )
+from pybinder.runtime import deadline as deadlines
 
 if TYPE_CHECKING:
     from pybinder.runtime.process_state import ProcessState
@@ -136,7 +138,14 @@ class BinderProxy:
         process = self.process
         encoded = parcel.encode([descriptor, args, kwargs], process.encode_object)
         thread = process.thread_state()
-        reply = thread.transact(self.handle, code, encoded, flags)
+        if deadlines.use.active or process.call_timeout is not None:
+            deadline_ns = deadlines.call_deadline_ns(process.call_timeout)
+            try:
+                reply = thread.transact(self.handle, code, encoded, flags, deadline_ns)
+            except DeadlineExceededError as exc:
+                raise DeadlineExceededError(f"call {code} to {self.describe()}: {exc}") from None
+        else:
+            reply = thread.transact(self.handle, code, encoded, flags)
         if reply is None:
             return None
         offset, size = reply
@@ -234,6 +243,11 @@ class BinderProxy:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def with_timeout(self, seconds: float) -> Any:
+        """A view of this proxy whose calls each get ``seconds`` (or the deadline in
+        force, if earlier); see :func:`pybinder.deadline`."""
+        return TimeoutView(self, seconds)
+
     def describe(self) -> str:
         """Names the node for messages: its descriptor, owner pid and service name."""
         parts = [self.descriptor or "a node of unknown interface"]
@@ -285,8 +299,42 @@ class ProxyBase:
     def __exit__(self, *exc_info: object) -> None:
         self.binder.close()
 
+    def with_timeout(self, seconds: float) -> Any:
+        """A view of this proxy whose calls each get ``seconds`` (or the deadline in
+        force, if earlier), typed as the proxy; see :func:`pybinder.deadline`."""
+        return TimeoutView(self, seconds)
+
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} {self.binder.describe()}>"
+
+
+class TimeoutView:
+    """A proxy seen with a timeout of its own: each method call made through it runs
+    inside ``deadline(seconds)`` (``proxy.with_timeout(seconds)``).
+
+    Args:
+        proxy: a BinderProxy or an interface proxy.
+        seconds: the time each call may take.
+    """
+
+    def __init__(self, proxy: Any, seconds: float) -> None:
+        self._proxy = proxy
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._proxy, name)
+        if not callable(found):
+            return found
+        seconds = self._seconds
+
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            with deadlines.deadline(seconds):
+                return found(*args, **kwargs)
+
+        return bounded
+
+    def __repr__(self) -> str:
+        return f"<{self._proxy!r} with a timeout of {self._seconds} s>"
 
 
 def run_call(target: Binder, code: int, body: Any) -> list[Any]:

@@ -27,9 +27,10 @@ import types
 import typing
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
 from pybinder.errors import (
+    DeadlineExceededError,
     InterfaceMismatchError,
     ProtocolError,
     SecurityError,
@@ -163,8 +164,23 @@ class Interface:
     DESCRIPTOR: ClassVar[str]
     METHODS: ClassVar[tuple[MethodSpec, ...]] = ()
     HASH: ClassVar[str] = ""
-    Stub: ClassVar[type[Any]]
-    Proxy: ClassVar[type[Any]]
+    if TYPE_CHECKING:
+        # What a type checker sees of the generated classes. ``ICalc.Stub`` is made
+        # when ICalc is defined (a subclass of ICalc and Binder), which a type checker
+        # cannot follow; to it, every interface's Stub is this one class, whose unknown
+        # base (Any) lets ``class Calc(ICalc.Stub)`` pass where an ICalc is expected
+        # (for its methods checked against ICalc's, write ``class Calc(ICalc.Stub,
+        # ICalc)``). A Proxy is what get_service(name, ICalc) returns, typed ICalc.
+
+        class Stub(Interface, Binder, Any):  # type: ignore[misc]  # noqa: F821
+            """Serve the interface: subclass and implement its methods."""
+
+        class Proxy(Interface, ProxyBase, Any):  # type: ignore[misc]  # noqa: F821
+            """Calls the interface in another process; one transaction per call."""
+
+    else:
+        Stub: ClassVar[type[Any]]
+        Proxy: ClassVar[type[Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Collect the methods and generate Stub and Proxy for a class that sets DESCRIPTOR.
@@ -180,8 +196,8 @@ class Interface:
         _check_descriptor(cls)
         cls.METHODS = _collect_methods(cls)
         cls.HASH = _table_hash(cls.method_table())
-        cls.Stub = _make_stub(cls)
-        cls.Proxy = _make_proxy(cls)
+        cls.Stub = _make_stub(cls)  # type: ignore[misc]
+        cls.Proxy = _make_proxy(cls)  # type: ignore[misc]
         _register(cls)
 
     @classmethod
@@ -702,6 +718,8 @@ def _plain_call(interface: type[Interface], spec: MethodSpec) -> Callable[..., A
         except UnknownTransactionError as exc:
             server = getattr(self.binder, "descriptor", "") or descriptor
             raise UnknownTransactionError(_missing_message(interface, spec, server)) from exc
+        except DeadlineExceededError as exc:  # name the method, not just its code
+            raise DeadlineExceededError(f"{descriptor}.{spec.name}: {exc}") from None
 
     return call
 

@@ -14,7 +14,7 @@ import struct
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pybinder import protocol
 from pybinder.errors import (
@@ -116,6 +116,9 @@ class ProcessState:
             process trusts. Before sending anything, every connection checks who
             listens (SO_PEERCRED, from the kernel): anyone else who got to the socket
             path first could pose as the broker.
+        call_timeout: seconds a two-way call may take unless a ``pybinder.deadline``
+            block or the call being served sets an earlier deadline (None: no
+            limit). A call past it raises DeadlineExceededError and is cancelled.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
@@ -144,9 +147,13 @@ class ProcessState:
         spin_us: float | None = None,
         oneway_window: int | None = None,
         broker_uid: int | None = None,
+        call_timeout: float | None = None,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
         self.broker_uid = broker_uid
+        if call_timeout is not None and not call_timeout > 0:
+            raise ValueError(f"call_timeout is a positive number of seconds, not {call_timeout}")
+        self.call_timeout = call_timeout
         if spin_us is None:
             spin_us = float(os.environ.get("PYBINDER_SPIN_US", DEFAULT_SPIN_US))
         self.spin_seconds = max(0.0, spin_us) / 1e6
@@ -286,6 +293,12 @@ class ProcessState:
         """
         self.service_manager.add_service(name, binder)
 
+    @overload
+    def get_service(
+        self, name: str, interface: None = None, timeout: float | None = 5.0
+    ) -> Any: ...
+    @overload
+    def get_service(self, name: str, interface: type[I], timeout: float | None = 5.0) -> I: ...
     def get_service(
         self, name: str, interface: type[I] | None = None, timeout: float | None = 5.0
     ) -> Any:
@@ -300,6 +313,10 @@ class ProcessState:
         binder = self.service_manager.wait_for_service(name, timeout)
         return self._as_service(name, binder, interface)
 
+    @overload
+    def check_service(self, name: str, interface: None = None) -> Any: ...
+    @overload
+    def check_service(self, name: str, interface: type[I]) -> I | None: ...
     def check_service(self, name: str, interface: type[I] | None = None) -> Any:
         """The service ``name`` if registered now, else None (never waits)."""
         binder = self.service_manager.check_service(name)
@@ -746,6 +763,7 @@ def connect(
     spin_us: float | None = None,
     oneway_window: int | None = None,
     broker_uid: int | None = None,
+    call_timeout: float | None = None,
 ) -> ProcessState:
     """Join the broker as a process; see :class:`ProcessState`.
 
@@ -759,4 +777,5 @@ def connect(
         spin_us=spin_us,
         oneway_window=oneway_window,
         broker_uid=broker_uid,
+        call_timeout=call_timeout,
     )

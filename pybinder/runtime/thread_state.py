@@ -27,6 +27,7 @@ from pybinder.errors import (
     ERROR_CODES,
     BinderError,
     BrokerUnavailableError,
+    DeadlineExceededError,
     DeadObjectError,
     ProtocolError,
     QuotaExceededError,
@@ -35,6 +36,8 @@ from pybinder.errors import (
     quota_error,
 )
 from pybinder.protocol import (
+    BC_CANCEL_TRANSACTION,
+    BC_DEADLINE,
     BC_ENTER_LOOPER,
     BC_FREE_BUFFER,
     BC_HELLO_THREAD,
@@ -43,8 +46,10 @@ from pybinder.protocol import (
     BC_REPLY,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
+    BR_CANCEL_DONE,
     BR_DEAD_BINDER,
     BR_DEAD_REPLY,
+    BR_DEADLINE,
     BR_ERROR,
     BR_FAILED_REPLY,
     BR_FDS,
@@ -72,6 +77,7 @@ from pybinder.protocol import (
 )
 from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
+from pybinder.runtime.deadline import pop_serving, push_serving
 
 if TYPE_CHECKING:
     from pybinder.runtime.process_state import ProcessState
@@ -97,6 +103,13 @@ _pack_transaction = protocol.COMMAND_STRUCTS[BC_TRANSACTION].pack
 _pack_reply = protocol.COMMAND_STRUCTS[BC_REPLY].pack
 _pack_free = protocol.COMMAND_STRUCTS[BC_FREE_BUFFER].pack
 _pack_ready = protocol.COMMAND_STRUCTS[BC_PARCEL_READY].pack
+_pack_deadline = protocol.COMMAND_STRUCTS[BC_DEADLINE].pack
+_CANCEL = protocol.encode(BC_CANCEL_TRANSACTION)
+
+
+class _Expired(Exception):
+    """A call's deadline passed while its thread waited (see ThreadState._wait_for)."""
+
 
 #: A ``sched_yield`` that takes longer than this (s) ran another busy thread on this
 #: CPU: likely the broker, which this thread's polling would then only delay.
@@ -193,6 +206,7 @@ class ThreadState:
         self._failed = 0  # how many of those failed, seen
         self._late_error: BinderError | None = None  # the first failed windowed call's
         self._fds: deque[int] = deque()  # descriptors received, not yet taken by a parcel
+        self._next_deadline = 0  # BR_DEADLINE for the next BR_TRANSACTION (ns; 0: none)
         self._reply: parcel.EncodedParcel | None = None  # the reply being sent, if it has fds
         self._closed = False
         try:
@@ -205,7 +219,12 @@ class ThreadState:
     # -- calling ------------------------------------------------------------------------
 
     def transact(
-        self, handle: int, code: int, encoded: parcel.EncodedParcel, flags: int
+        self,
+        handle: int,
+        code: int,
+        encoded: parcel.EncodedParcel,
+        flags: int,
+        deadline_ns: int = 0,
     ) -> tuple[int, int] | None:
         """Send a transaction; wait for its reply ``(offset, size)`` in this process's
         region, or for the oneway acknowledgement (None).
@@ -216,10 +235,22 @@ class ThreadState:
         first waits until the broker has copied the windowed calls before it
         (:meth:`flush_oneway`).
 
+        A two-way call with ``deadline_ns`` (CLOCK_MONOTONIC ns; 0: none) tells the
+        broker its deadline (BC_DEADLINE; the server reads it) and waits until then;
+        unanswered, it is cancelled (BC_CANCEL_TRANSACTION): a reply that crossed the
+        cancel is dropped, and the thread's next call gets its own. So is a call whose
+        wait an exception interrupts (KeyboardInterrupt, a signal handler's).
+
         Raises:
+            DeadlineExceededError: no answer before ``deadline_ns``.
             DeadObjectError, TransactionTooLargeError, ProtocolError, BrokerUnavailableError;
             also for an earlier windowed oneway call (see :meth:`flush_oneway`).
         """
+        prefix = b""
+        if deadline_ns and not flags & TF_ONE_WAY:
+            if time.monotonic_ns() >= deadline_ns:
+                raise DeadlineExceededError("its deadline passed before it was sent")
+            prefix = _pack_deadline(BC_DEADLINE, deadline_ns)
         tail_offset, tail_len = self._find_loaned(encoded)
         fds = encoded.fds
         if (
@@ -238,16 +269,30 @@ class ThreadState:
         if _goes_in_parts(encoded, tail_len):
             self._send_in_parts(
                 encoded,
-                lambda size, parts_flags: _pack_transaction(
-                    BC_TRANSACTION, handle, code, flags | parts_flags, size, 0, 0, 0
+                lambda size, parts_flags: (
+                    prefix
+                    + _pack_transaction(
+                        BC_TRANSACTION, handle, code, flags | parts_flags, size, 0, 0, 0
+                    )
                 ),
             )
         else:
             placed = self._write(encoded, tail_offset, tail_len)  # (size, tail_offset, tail_len)
             message = _pack_transaction(BC_TRANSACTION, handle, code, flags, *placed, 0)
-            self._send(message, encoded if fds else None)
+            self._send(prefix + message if prefix else message, encoded if fds else None)
         started = time.perf_counter()
-        outcome = self._wait_for(_OUTCOMES, self._spin)
+        try:
+            outcome = self._wait_for(_OUTCOMES, self._spin, deadline_ns if prefix else 0)
+        except _Expired:
+            self._give_up()
+            waited = time.perf_counter() - started
+            raise DeadlineExceededError(f"no answer within its deadline ({waited:.3f} s)") from None
+        except BinderError:
+            raise
+        except BaseException:  # KeyboardInterrupt, a signal handler's: the call is given up
+            if not flags & TF_ONE_WAY:
+                self._give_up()
+            raise
         self._observe_wait(time.perf_counter() - started)
         op = outcome[0]
         if op == BR_REPLY:
@@ -488,6 +533,8 @@ class ThreadState:
         op = command[0]
         if op == BR_TRANSACTION:
             self._execute(command)
+        elif op == BR_DEADLINE:
+            self._next_deadline = command[1]
         elif op in _PROCESS_RETURNS:
             self._process.on_process_return(command)
         elif op == BR_ERROR:
@@ -506,6 +553,9 @@ class ThreadState:
         oneway = flags & TF_ONE_WAY
         stack = _identity.__dict__.setdefault("stack", [])
         stack.append((pid, uid, gid))
+        deadline_ns, self._next_deadline = self._next_deadline, 0
+        if deadline_ns:
+            push_serving(deadline_ns)
         views: list[memoryview] = []
         try:
             with process.region_view[offset : offset + size] as data:
@@ -524,6 +574,8 @@ class ThreadState:
                     _release(view)
         finally:
             stack.pop()
+            if deadline_ns:
+                pop_serving()
         free = _pack_free(BC_FREE_BUFFER, offset)
         with_fds, self._reply = self._reply, None
         if with_fds is not None and placed is not None:  # it goes with its descriptors
@@ -832,9 +884,38 @@ class ThreadState:
         floor = min(MIN_SPIN, limit)
         self._spin = floor if typical > slow else max(floor, min(limit, 2 * typical))
 
-    def _wait_for(self, wanted: Container[int], spin: float = 0.0) -> tuple[int, ...]:
+    def _give_up(self) -> None:
+        """Cancel the two-way call this thread waits on (BC_CANCEL_TRANSACTION) and
+        take in what the broker sends until it confirms (BR_CANCEL_DONE): an outcome
+        that crossed the cancel is dropped (a reply's buffer freed), and calls
+        routed to this thread meanwhile are served."""
+        self._send(_CANCEL)
+        while True:
+            done = False
+            for command in protocol.decode(self._recv()):
+                op = command[0]
+                if op == BR_CANCEL_DONE:
+                    done = True
+                elif op == BR_REPLY:
+                    self._drop_reply(command[1], command[2])
+                elif op in _OUTCOMES or op == BR_ERROR:
+                    continue  # the given-up call's outcome, or its refusal
+                else:
+                    self._handle(command)
+            if done:
+                return
+
+    def _ready_by(self, deadline_ns: int) -> bool:
+        """Wait until a message is ready or ``deadline_ns`` passes; whether one is."""
+        remaining_ms = -(-(deadline_ns - time.monotonic_ns()) // 1_000_000)
+        return bool(self._poller.poll(max(0, remaining_ms)))
+
+    def _wait_for(
+        self, wanted: Container[int], spin: float = 0.0, deadline_ns: int = 0
+    ) -> tuple[int, ...]:
         """Receive until a command whose code is in ``wanted`` arrives, serving
-        everything else meanwhile; polls ``spin`` seconds before sleeping.
+        everything else meanwhile; polls ``spin`` seconds before sleeping. With
+        ``deadline_ns``, raises _Expired if nothing wanted came by then.
 
         A BR_ERROR that arrives first is raised after the outcome, so the outcome is
         never left behind in the socket for the next call to misread.
@@ -842,6 +923,8 @@ class ThreadState:
         error: BinderError | None = None
         while True:
             outcome: tuple[int, ...] | None = None
+            if deadline_ns and not self._ready_by(deadline_ns):
+                raise _Expired()
             commands = protocol.decode(self._recv(spin))
             if len(commands) == 1 and commands[0][0] in wanted:  # the usual answer
                 return commands[0]

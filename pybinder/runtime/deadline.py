@@ -1,0 +1,112 @@
+"""Deadlines: bound the calls a thread makes, and learn the one a call was made with
+(gRPC's deadline propagation, on binder's transactions).
+
+A deadline is a point in time on CLOCK_MONOTONIC, which every process on the machine
+shares, so it travels with a transaction as is (BC_DEADLINE, BR_DEADLINE, in ns).
+A call's deadline is the earliest of: the innermost ``with deadline(...)`` block on
+the calling thread, the deadline of the call this thread is serving (calls made
+while serving inherit the time left), and the process's ``call_timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+_local = threading.local()
+
+#: Nanoseconds in a second.
+NS = 1_000_000_000
+
+
+class _Use:
+    """Whether any deadline was ever set in this process: until then a call skips
+    looking for one (a thread-local lookup per call)."""
+
+    active = False
+
+
+use = _Use()
+
+
+def _stack(name: str) -> list[int]:
+    stack: list[int] | None = getattr(_local, name, None)
+    if stack is None:
+        stack = []
+        setattr(_local, name, stack)
+    return stack
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Bound every call this thread makes inside the block to ``seconds`` from now;
+    nested blocks keep the earlier deadline. A call still unanswered then raises
+    :class:`~pybinder.errors.DeadlineExceededError` and is cancelled in the broker.
+
+    Raises:
+        ValueError: ``seconds`` is NaN.
+    """
+    if seconds != seconds:
+        raise ValueError("a deadline needs a number of seconds, not NaN")
+    at = time.monotonic_ns() + int(min(seconds, 10.0**9) * NS)
+    use.active = True
+    stack = _stack("calls")
+    stack.append(min(at, stack[-1]) if stack else at)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def call_deadline_ns(default_timeout: float | None) -> int:
+    """The deadline (CLOCK_MONOTONIC ns; 0: none) of a call made now on this thread,
+    with ``default_timeout`` seconds as the process's default."""
+    found = 0
+    calls: list[int] | None = getattr(_local, "calls", None)
+    if calls:
+        found = calls[-1]
+    serving: list[int] | None = getattr(_local, "serving", None)
+    if serving and serving[-1] and (not found or serving[-1] < found):
+        found = serving[-1]
+    if default_timeout is not None:
+        at = time.monotonic_ns() + int(default_timeout * NS)
+        if not found or at < found:
+            found = at
+    return found
+
+
+def push_serving(deadline_ns: int) -> None:
+    """The thread starts serving a call with this deadline (0: none)."""
+    use.active = True
+    _stack("serving").append(deadline_ns)
+
+
+def pop_serving() -> None:
+    """The thread has answered the call it was serving."""
+    _stack("serving").pop()
+
+
+def get_deadline() -> float | None:
+    """The deadline of the call this thread is serving, in ``time.monotonic()``
+    seconds, or None (no deadline, or not serving a call)."""
+    serving: list[int] | None = getattr(_local, "serving", None)
+    if not serving or not serving[-1]:
+        return None
+    return serving[-1] / NS
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the deadline of the call this thread is serving (negative
+    once past), or None without one (gRPC's ``time_remaining``)."""
+    at = get_deadline()
+    return None if at is None else at - time.monotonic()
+
+
+def is_cancelled() -> bool:
+    """Whether the caller of the call this thread is serving has given up on it: its
+    deadline has passed (the caller's call raised DeadlineExceededError then, and
+    the broker drops this call's reply)."""
+    remaining = time_remaining()
+    return remaining is not None and remaining <= 0
