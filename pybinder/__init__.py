@@ -49,6 +49,7 @@ from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface, method, oneway
 from pybinder.runtime.process_state import ProcessState, connect
 from pybinder.runtime.thread_state import get_calling_gid, get_calling_pid, get_calling_uid
+from pybinder.values import parcelable, remote_exception
 
 __version__ = "0.1.0"
 
@@ -82,5 +83,7 @@ __all__ = [
     "is_cancelled",
     "method",
     "oneway",
+    "parcelable",
+    "remote_exception",
     "time_remaining",
 ]

@@ -19,7 +19,13 @@ The body names an object by an extension holding its table index and its interfa
 descriptor (the sender's word for it, which travels with the reference).
 
 Bytes-like values of :data:`OUT_OF_BAND_THRESHOLD` bytes or more travel in the buffer
-area, so the receiver can get them as memoryviews of its region instead of copies.
+area, so the receiver can get them as memoryviews of its region instead of copies;
+so do the elements of numpy arrays of that size.
+
+What msgpack cannot carry as it was sent travels as an extension (the ``EXT_*``
+codes): tuples, ints beyond 64 bits, numpy arrays and scalars, and parcelables
+(:func:`pybinder.parcelable`). An extension that holds values holds them packed, so
+they may nest, at most :data:`MAX_NESTING` deep.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
+from pybinder import values
 from pybinder.errors import ProtocolError
 
 MAGIC: Final = b"PBP1"
@@ -59,6 +66,15 @@ MAX_DESCRIPTOR: Final = 255
 #: msgpack extension codes used in the body.
 EXT_BUFFER: Final = 1  # data: u32 index into the buffer table
 EXT_OBJECT: Final = 2  # data: u32 index into the object table, then the descriptor (UTF-8)
+EXT_TUPLE: Final = 3  # data: msgpack array of the items
+EXT_BIGINT: Final = 4  # data: the int in signed big-endian bytes (beyond 64 bits)
+EXT_NDARRAY: Final = 5  # data: msgpack [dtype.str, shape, bytes or an EXT_BUFFER]
+EXT_NUMPY_SCALAR: Final = 6  # data: msgpack [dtype.str, bytes]
+EXT_PARCELABLE: Final = 7  # data: msgpack [name, {field: value}]
+
+#: How deep extensions that hold values (tuples, numpy values, parcelables) may nest
+#: inside each other. Lists and dicts do not count (msgpack limits those itself).
+MAX_NESTING: Final = 32
 
 HEADER: Final = struct.Struct("<4sHHIIIIQ")
 OBJECT_ENTRY: Final = struct.Struct("<IIQ")
@@ -193,21 +209,16 @@ def write_object(
 
 
 def object_descriptors(parcel: memoryview | bytes, header: ParcelHeader) -> dict[int, str]:
-    """``{object index: descriptor}`` as the body names its objects; {} for a body
-    that is not valid msgpack. The broker reads it when a node first arrives."""
-    found: dict[int, str] = {}
-
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_OBJECT and len(data) >= _INDEX.size:
-            found[_INDEX.unpack_from(data)[0]] = _descriptor_of(data)
-        return None
-
+    """``{object index: descriptor}`` as the body names its objects (inside tuples and
+    parcelables too); {} for a body that is not valid msgpack. The broker reads it
+    when a node first arrives; it builds no values (and runs no parcelable's code)."""
+    reader = _Reader(parcel, None, None, False, _NO_FDS, True)
     start = header.body_start
     try:
-        _unpack(memoryview(parcel)[start : start + header.body_len], ext_hook)
+        _unpack(memoryview(parcel)[start : start + header.body_len], reader.hook)
     except ProtocolError:
         return {}
-    return found
+    return reader.found
 
 
 def _descriptor_of(data: bytes) -> str:
@@ -315,20 +326,45 @@ class EncodedParcel:
         return self.head_size
 
 
-def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedParcel:
+def encode(
+    value: Any,
+    encode_object: ObjectEncoder | None = None,
+    *,
+    names: tuple[str, ...] | None = None,
+) -> EncodedParcel:
     """Split ``value`` into a parcel's parts.
 
+    What goes in comes out (see :func:`decode`), or this raises TypeError:
+
+    - None, bool, float, str, and int of any size (beyond 64 bits as EXT_BIGINT);
+    - list, dict and tuple (a tuple arrives as a tuple), nested;
+    - bytes-likes (bytes, bytearray, memoryview, any buffer-protocol object): they
+      arrive as ``bytes``, or, at :data:`OUT_OF_BAND_THRESHOLD` bytes or more, as a
+      read-only memoryview of the receiver's region (a copy with ``copy_buffers``);
+    - numpy arrays (``numpy.ndarray`` itself; C order, copied first if not
+      contiguous) and numpy scalars, of any dtype but object, structured and
+      zero-size ones: they arrive with their dtype and shape (see :func:`decode`);
+    - instances of a :func:`pybinder.parcelable` dataclass;
+    - any object ``encode_object`` accepts, and any object with a ``fileno()``
+      method (a file, socket, pipe end, ParcelFileDescriptor): its descriptor goes
+      with the parcel (OBJ_FD; see :attr:`EncodedParcel.fds`).
+
+    Subclasses of int, float, str, list, dict and tuple (IntEnum, OrderedDict, a
+    namedtuple...) travel as their base type.
+
     Args:
-        value: None, bool, int, float, str, bytes-like, list, tuple, dict, nested,
-            any object ``encode_object`` accepts, and any object with a ``fileno()``
-            method (a file, socket, pipe end, ParcelFileDescriptor): its descriptor
-            goes with the parcel (OBJ_FD; see :attr:`EncodedParcel.fds`).
         encode_object: maps a binder object (Stub, Proxy) to ``(kind, value,
             descriptor)`` for the object table, or returns None for objects it does
             not know.
+        names: how a TypeError names the items of a top-level list (``value[i]`` is
+            called ``names[i]``); by default a call body ``[descriptor, args,
+            kwargs]`` has its items called "descriptor", "args" and "kwargs", and
+            anything else is "value".
 
     Raises:
-        TypeError: a value msgpack cannot carry and ``encode_object`` does not accept.
+        TypeError: a value that cannot be sent, or extensions nested more than
+            :data:`MAX_NESTING` deep; the message starts with the value's path, as
+            ``args[1]['frames'][3]: cannot send a Foo``.
         ValueError: a descriptor longer than MAX_DESCRIPTOR bytes, or a closed file.
     """
     encoder = getattr(_encoders, "idle", None)
@@ -336,14 +372,15 @@ def encode(value: Any, encode_object: ObjectEncoder | None = None) -> EncodedPar
     if encoder is None:
         encoder = _Encoder()
     try:
-        return encoder.encode(value, encode_object)
+        return encoder.encode(value, encode_object, names)
     finally:
         _encoders.idle = encoder
 
 
 class _Encoder:
-    """A reusable msgpack Packer (building one costs more than packing a small call)
-    and the object and buffer lists its hooks fill for the parcel being encoded."""
+    """Reusable msgpack Packers (building one costs more than packing a small call),
+    one for the body and one per nesting depth of extensions that hold values, and
+    the object and buffer lists its hooks fill for the parcel being encoded."""
 
     def __init__(self) -> None:
         self.objects: list[tuple[int, int, int]] = []
@@ -351,18 +388,37 @@ class _Encoder:
         self.fds: list[int] = []
         self.fd_owners: list[Any] = []
         self.encode_object: ObjectEncoder | None = None
-        self.packer = msgpack.Packer(default=self.default, use_bin_type=True, datetime=False)
+        self.packer = self.new_packer()
+        self.nested: list[Any] = []  # the Packer of each nesting depth, made when needed
+        self.depth = 0
 
-    def encode(self, value: Any, encode_object: ObjectEncoder | None) -> EncodedParcel:
+    def new_packer(self) -> Any:
+        # strict_types: tuples and subclasses of the builtin types come to default()
+        return msgpack.Packer(
+            default=self.default, use_bin_type=True, datetime=False, strict_types=True
+        )
+
+    def encode(
+        self, value: Any, encode_object: ObjectEncoder | None, names: tuple[str, ...] | None
+    ) -> EncodedParcel:
         objects: list[tuple[int, int, int]] = []
         buffers: list[memoryview] = []
         fds: list[int] = []
         owners: list[Any] = []
         self.objects, self.buffers, self.fds, self.fd_owners = objects, buffers, fds, owners
         self.encode_object = encode_object
+        self.depth = 0
+        lifted = value
         if type(value) not in _SCALARS:
-            value = _lift_buffers(value, self.out_of_band)
-        encoded = EncodedParcel(self.packer.pack(value), objects, buffers, fds)
+            lifted = _lift_buffers(value, self.out_of_band)
+        try:
+            body = self.packer.pack(lifted)
+        except TypeError:
+            found = _unsendable(value, encode_object, names)
+            if found is None:
+                raise
+            raise TypeError(f"{found[0]}: {found[1]}") from None
+        encoded = EncodedParcel(body, objects, buffers, fds)
         if owners:
             encoded.fd_owners = owners
             self.fd_owners = []
@@ -372,23 +428,77 @@ class _Encoder:
         self.buffers.append(view)
         return msgpack.ExtType(EXT_BUFFER, _INDEX.pack(len(self.buffers) - 1))
 
+    def pack_nested(self, value: Any) -> bytes:
+        """Pack the data of an extension that holds values (with this encoder's hooks)."""
+        depth = self.depth
+        if depth >= MAX_NESTING:
+            raise TypeError(
+                f"cannot send tuples, numpy values or parcelables nested more than"
+                f" {MAX_NESTING} deep"
+            )
+        if depth == len(self.nested):
+            self.nested.append(self.new_packer())
+        self.depth = depth + 1
+        try:
+            packed: bytes = self.nested[depth].pack(value)
+        finally:
+            self.depth = depth
+        return packed
+
     def default(self, obj: Any) -> Any:
-        if isinstance(obj, ObjectRef):
+        kind = type(obj)
+        if kind is tuple:  # its big bytes-likes were lifted with the list it is in
+            return msgpack.ExtType(EXT_TUPLE, self.pack_nested(list(obj)))
+        if kind is int:  # beyond 64 bits
+            return msgpack.ExtType(EXT_BIGINT, _bigint_bytes(obj))
+        if kind is ObjectRef:
             return self.add_object(obj.kind, obj.value, obj.descriptor, obj.extra)
         if self.encode_object is not None:
             entry = self.encode_object(obj)
             if entry is not None:
                 return self.add_object(entry[0], entry[1], entry[2], 0)
+        name = values.parcelable_name(kind)
+        if name is not None:
+            state = _lift_buffers(values.parcelable_state(obj, name), self.out_of_band)
+            return msgpack.ExtType(EXT_PARCELABLE, self.pack_nested(state))
+        if values.is_numpy(kind):
+            return self.numpy_value(obj)
+        if isinstance(obj, int):  # IntEnum, IntFlag...: as an int
+            number = int.__index__(obj)
+            if _INT_MIN <= number <= _UINT_MAX:
+                return number
+            return msgpack.ExtType(EXT_BIGINT, _bigint_bytes(number))
+        if isinstance(obj, tuple):  # a namedtuple...: as a tuple
+            items = _lift_buffers(list(obj), self.out_of_band)
+            return msgpack.ExtType(EXT_TUPLE, self.pack_nested(items))
+        if isinstance(obj, list):
+            return _lift_buffers(list(obj), self.out_of_band)
+        if isinstance(obj, dict):
+            return _lift_buffers(dict(obj), self.out_of_band)
+        if isinstance(obj, str):
+            return str.__str__(obj)
+        if isinstance(obj, float):
+            return float.__float__(obj)
         try:
             view = memoryview(obj)
         except TypeError:
             fileno = getattr(obj, "fileno", None)
             if fileno is None or isinstance(obj, type):
-                raise TypeError(f"pybinder cannot send a {type(obj).__qualname__}") from None
+                raise TypeError(f"cannot send a {kind.__qualname__}") from None
             self.fd_owners.append(obj)
             return self.add_fd(fileno())
         view = _flat_bytes(view)
         return self.out_of_band(view) if view.nbytes >= OUT_OF_BAND_THRESHOLD else view.tobytes()
+
+    def numpy_value(self, obj: Any) -> msgpack.ExtType:
+        is_array, dtype, shape, data = values.numpy_parts(obj)
+        if not is_array:
+            return msgpack.ExtType(EXT_NUMPY_SCALAR, self.pack_nested([dtype, data.tobytes()]))
+        if data.nbytes >= OUT_OF_BAND_THRESHOLD:
+            payload: Any = self.out_of_band(data)
+        else:
+            payload = data.tobytes()
+        return msgpack.ExtType(EXT_NDARRAY, self.pack_nested([dtype, shape, payload]))
 
     def add_object(self, kind: int, value: int, descriptor: str, extra: int) -> msgpack.ExtType:
         self.objects.append((kind, value, extra))
@@ -405,6 +515,84 @@ class _Encoder:
 
 
 _encoders: Final = threading.local()
+_INT_MIN: Final = -(2**63)
+_UINT_MAX: Final = 2**64 - 1
+_CALL_NAMES: Final = ("descriptor", "args", "kwargs")
+
+
+def _bigint_bytes(number: int) -> bytes:
+    """``number`` in signed big-endian bytes, as few as hold it (EXT_BIGINT)."""
+    return number.to_bytes((number.bit_length() + 8) // 8, "big", signed=True)
+
+
+def _unsendable(
+    value: Any, encode_object: ObjectEncoder | None, names: tuple[str, ...] | None
+) -> tuple[str, str] | None:
+    """``(path, message)`` of the first part of ``value`` that cannot be sent, or None.
+
+    Only called once packing failed, so the common case pays nothing for paths: it
+    walks ``value`` as the encoder does, and tries each leaf on a scratch encoder."""
+    scratch = _Encoder()
+    scratch.encode_object = encode_object
+    if type(value) is list:
+        if names is None and _is_call_body(value):
+            names = _CALL_NAMES
+        if names is not None:
+            for i, item in enumerate(value):
+                found = _locate(item, names[i] if i < len(names) else f"[{i}]", 0, scratch)
+                if found is not None:
+                    return found
+            return None
+    return _locate(value, "value", 0, scratch)
+
+
+def _is_call_body(value: list[Any]) -> bool:
+    """Whether ``value`` has the shape of a call body, ``[descriptor, args, kwargs]``."""
+    return (
+        len(value) == 3
+        and type(value[0]) is str
+        and type(value[1]) is list
+        and type(value[2]) is dict
+    )
+
+
+def _locate(value: Any, path: str, depth: int, scratch: _Encoder) -> tuple[str, str] | None:
+    kind = type(value)
+    if kind in _SCALARS or kind in _BYTES_LIKE or kind is msgpack.ExtType:
+        return None
+    nesting = f"cannot send tuples, numpy values or parcelables nested more than {MAX_NESTING} deep"
+    if isinstance(value, (list, tuple)):
+        if isinstance(value, tuple):
+            if depth >= MAX_NESTING:
+                return path, nesting
+            depth += 1
+        for i, item in enumerate(value):
+            found = _locate(item, f"{path}[{i}]", depth, scratch)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _locate(key, f"{path} (key {key!r})", depth, scratch)
+            if found is None:
+                found = _locate(item, f"{path}[{key!r}]", depth, scratch)
+            if found is not None:
+                return found
+        return None
+    if values.parcelable_name(kind) is not None:
+        if depth >= MAX_NESTING:
+            return path, nesting
+        for name, item in values.parcelable_fields(value):
+            found = _locate(item, f"{path}.{name}", depth + 1, scratch)
+            if found is not None:
+                return found
+        return None
+    scratch.depth = depth
+    try:
+        scratch.default(value)
+    except TypeError as exc:
+        return path, str(exc)
+    return None
 
 
 def decode(
@@ -416,9 +604,19 @@ def decode(
 ) -> tuple[Any, list[memoryview]]:
     """Read a parcel's value; return ``(value, views)``.
 
+    Values arrive as :func:`encode` took them: tuples as tuples, ints of any size,
+    parcelables as their registered class (imported, so registered, in this
+    process), numpy arrays and scalars with their dtype and shape (numpy is
+    imported when the first one arrives).
+
     Out-of-band buffers come back as memoryviews of ``parcel`` (read-only when
     ``parcel`` is), listed in ``views`` so the caller can release them when the
     buffer is freed; with ``copy_buffers`` they come back as ``bytes`` instead.
+    A numpy array is always read-only: without ``copy_buffers`` a view of
+    ``parcel`` (no copy; its memoryview is in ``views``, and stays valid while the
+    array lives, so code that keeps one past the buffer's life must copy it), with
+    ``copy_buffers`` an array that owns a copy (``arr.flags.owndata``; it may be made
+    writable with ``arr.flags.writeable = True``).
     Every handle in the object table goes through ``decode_object``, named in the
     body or not, so the receiver accounts for each delivery the broker counted.
     ``fds`` are the descriptors that came with the parcel, in the order of its
@@ -426,7 +624,9 @@ def decode(
     owns it), and this function closes the others.
 
     Raises:
-        ProtocolError: the parcel is malformed or its body is not valid msgpack.
+        ProtocolError: the parcel is malformed, its body is not valid msgpack, it
+            names a parcelable not registered here, or holds a numpy value when
+            numpy is not installed.
     """
     if not fds:
         return _decode(parcel, decode_object, copy_buffers, _NO_FDS)
@@ -454,47 +654,161 @@ def _decode(
     fds: list[int],
 ) -> tuple[Any, list[memoryview]]:
     header = parse_header(parcel)
-    if not (header.n_objects or header.n_buffers):  # nothing out of band: no hook needed
-        return _unpack(parcel[header.body_start : header.body_start + header.body_len]), []
-    views: list[memoryview] = []
-    objects = read_entries(parcel, header) if header.n_objects else []
-    unused = set(range(len(objects)))
-    table = header.buffer_table
-
-    def ext_hook(code: int, data: bytes) -> Any:
-        (index,) = _INDEX.unpack_from(data) if len(data) >= _INDEX.size else (-1,)
-        if code == EXT_BUFFER and index < header.n_buffers:
-            offset, length = BUFFER_ENTRY.unpack_from(parcel, table + BUFFER_ENTRY.size * index)
-            if copy_buffers:
-                return bytes(parcel[offset : offset + length])
-            view = memoryview(parcel)[offset : offset + length]
-            views.append(view)
-            return view
-        if code == EXT_OBJECT and index < len(objects) and index in unused:
-            unused.discard(index)
-            kind, extra, value = objects[index]
-            descriptor = _descriptor_of(data)
-            if decode_object is None:
-                return ObjectRef(kind, value, descriptor, extra)
-            if kind == OBJ_FD:
-                if value >= len(fds) or fds[value] < 0:
-                    raise ProtocolError(f"parcel names descriptor {value}, which did not come")
-                taken = fds[value]
-                fds[value] = -1  # decode_object owns it now
-                value = taken
-            return decode_object(kind, value, descriptor, extra)
-        raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
-
-    value = _unpack(parcel[header.body_start : header.body_start + header.body_len], ext_hook)
+    if not (header.n_objects or header.n_buffers):  # nothing out of band: no tables
+        body = parcel[header.body_start : header.body_start + header.body_len]
+        return _unpack(body, _plain_extension), []
+    reader = _Reader(parcel, header, decode_object, copy_buffers, fds, False)
+    value = _unpack(parcel[header.body_start : header.body_start + header.body_len], reader.hook)
     if decode_object is not None:
         # A handle the body never names was delivered all the same (the broker counted
         # it): decoding it makes a proxy that goes at once and releases it (BC_RELEASE),
         # or counts it on the proxy this process has.
-        for index in sorted(unused):
+        objects = reader.objects
+        for index in sorted(reader.unused):
             kind, extra, handle = objects[index]
             if kind == OBJ_HANDLE:
                 decode_object(kind, handle, "", extra)
-    return value, views
+    return value, reader.views
+
+
+def _plain_extension(code: int, data: bytes) -> Any:
+    """The ext_hook of a body without tables: values only."""
+    return _Reader(b"", None, None, False, _NO_FDS, False).hook(code, data)
+
+
+class _Reader:
+    """The ext_hook of one decode (:meth:`hook`): it resolves the body's extensions,
+    those nested in tuples, numpy values and parcelables too, each nesting level
+    with a msgpack Unpacker of its own (whose state lives on the heap: msgpack's
+    unpackb keeps tens of KiB on the C stack per call, which deep nesting would
+    overflow), at most :data:`MAX_NESTING` deep.
+
+    With ``scan`` it only notes the descriptor of each object in :attr:`found` and
+    builds nothing (see :func:`object_descriptors`)."""
+
+    def __init__(
+        self,
+        parcel: memoryview | bytes,
+        header: ParcelHeader | None,
+        decode_object: ObjectDecoder | None,
+        copy_buffers: bool,
+        fds: list[int],
+        scan: bool,
+    ) -> None:
+        self.parcel = parcel
+        self.n_buffers = 0
+        self.table = 0
+        self.objects: list[tuple[int, int, int]] = []
+        if header is not None:
+            self.n_buffers = header.n_buffers
+            self.table = header.buffer_table
+            if header.n_objects:
+                self.objects = read_entries(parcel, header)
+        self.unused = set(range(len(self.objects)))
+        self.decode_object = decode_object
+        self.copy_buffers = copy_buffers
+        self.fds = fds
+        self.scan = scan
+        self.found: dict[int, str] = {}
+        self.views: list[memoryview] = []
+        self.depth = 0
+        self.in_array = False  # decoding an array's data: a buffer comes as a view
+        self.temporary: list[memoryview] = []  # such views, when copying buffers
+
+    def hook(self, code: int, data: bytes) -> Any:
+        if code in (EXT_BUFFER, EXT_OBJECT):
+            if self.scan:
+                if code == EXT_OBJECT and len(data) >= _INDEX.size:
+                    self.found[_INDEX.unpack_from(data)[0]] = _descriptor_of(data)
+                return None
+            index = _INDEX.unpack_from(data)[0] if len(data) >= _INDEX.size else -1
+            if code == EXT_BUFFER and 0 <= index < self.n_buffers:
+                return self.buffer(index)
+            if code == EXT_OBJECT and index in self.unused:
+                return self.binder_object(index, data)
+            raise ProtocolError(f"parcel body refers to missing extension {code}/{index}")
+        if code == EXT_TUPLE:
+            items = self.nested(data)
+            if self.scan:
+                return None
+            if type(items) is not list:
+                raise ProtocolError("malformed tuple in parcel body")
+            return tuple(items)
+        if code == EXT_BIGINT:
+            if not data:
+                raise ProtocolError("empty int in parcel body")
+            return int.from_bytes(data, "big", signed=True)
+        if code == EXT_NDARRAY:
+            return self.ndarray(data)
+        if code == EXT_NUMPY_SCALAR:
+            parts = self.nested(data)
+            return None if self.scan else values.build_numpy_scalar(parts)
+        if code == EXT_PARCELABLE:
+            state = self.nested(data)
+            return None if self.scan else values.build_parcelable(state)
+        raise ProtocolError(f"parcel body refers to unknown extension {code}")
+
+    def nested(self, data: bytes) -> Any:
+        """The one value packed in an extension's ``data``."""
+        if self.depth >= MAX_NESTING:
+            raise ProtocolError(f"parcel body nests extensions more than {MAX_NESTING} deep")
+        self.depth += 1
+        try:
+            unpacker = msgpack.Unpacker(
+                None,
+                ext_hook=self.hook,
+                raw=False,
+                strict_map_key=False,
+                max_buffer_size=max(len(data), 1),
+            )
+            unpacker.feed(data)
+            value = unpacker.unpack()
+            if unpacker.tell() != len(data):
+                raise ProtocolError("an extension in the parcel body has bytes left over")
+        finally:
+            self.depth -= 1
+        return value
+
+    def buffer(self, index: int) -> Any:
+        parcel = self.parcel
+        offset, length = BUFFER_ENTRY.unpack_from(parcel, self.table + BUFFER_ENTRY.size * index)
+        if self.copy_buffers and not self.in_array:
+            return bytes(parcel[offset : offset + length])
+        view = memoryview(parcel)[offset : offset + length]
+        (self.temporary if self.copy_buffers else self.views).append(view)
+        return view
+
+    def ndarray(self, data: bytes) -> Any:
+        """An array: a view of its buffer, or (copying buffers) a copy made straight
+        from it, without a ``bytes`` in between."""
+        outer = self.in_array
+        self.in_array = True
+        try:
+            parts = self.nested(data)
+            return None if self.scan else values.build_ndarray(parts, self.copy_buffers)
+        finally:
+            self.in_array = outer
+            if self.temporary and not outer:
+                for view in self.temporary:
+                    with contextlib.suppress(BufferError):
+                        view.release()
+                self.temporary = []
+
+    def binder_object(self, index: int, data: bytes) -> Any:
+        self.unused.discard(index)
+        kind, extra, value = self.objects[index]
+        descriptor = _descriptor_of(data)
+        decode_object = self.decode_object
+        if decode_object is None:
+            return ObjectRef(kind, value, descriptor, extra)
+        if kind == OBJ_FD:
+            fds = self.fds
+            if value >= len(fds) or fds[value] < 0:
+                raise ProtocolError(f"parcel names descriptor {value}, which did not come")
+            taken = fds[value]
+            fds[value] = -1  # decode_object owns it now
+            value = taken
+        return decode_object(kind, value, descriptor, extra)
 
 
 def _unpack(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any] | None = None) -> Any:
@@ -505,7 +819,7 @@ def _unpack(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any] | No
     """
     try:
         return msgpack.unpackb(
-            body, ext_hook=ext_hook or _no_extensions, raw=False, strict_map_key=False
+            body, ext_hook=ext_hook or _plain_extension, raw=False, strict_map_key=False
         )
     except ProtocolError:
         raise
@@ -514,10 +828,6 @@ def _unpack(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any] | No
     finally:
         if type(body) is memoryview:
             body.release()
-
-
-def _no_extensions(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"parcel body refers to extension {code}, but its tables are empty")
 
 
 def _flat_bytes(view: memoryview) -> memoryview:
@@ -563,5 +873,7 @@ def _lift_buffers(value: Any, out_of_band: Callable[[memoryview], Any]) -> Any:
                 if lifted is None:
                     lifted = dict(value) if kind is dict else list(value)
                 lifted[key] = new
-        return value if lifted is None else lifted
+        if lifted is None:
+            return value
+        return tuple(lifted) if kind is tuple else lifted
     return value

@@ -122,6 +122,9 @@ BC_SET_MAX_THREADS: Final = 0x430D  # n: ask for up to n loopers (BINDER_SET_MAX
 BC_REGISTER_LOOPER: Final = 0x430E  # BC_ENTER_LOOPER for a thread of the pool (counts toward n)
 BC_DEADLINE: Final = 0x430F  # ns: the next BC_TRANSACTION's deadline (CLOCK_MONOTONIC, ns)
 BC_CANCEL_TRANSACTION: Final = 0x4310  # give up the two-way call this thread waits on
+BC_DETACH: Final = 0x4311  # the call this thread runs is answered later, by BC_REPLY_TO
+BC_REPLY_TO: Final = 0x4312  # id, flags, data_len, tail_offset, tail_len: answer a detached
+#   call; BR_OK once its parcel is copied (the send area may be written again)
 
 # -- returns the broker sends (binder's BR_*) ---------------------------------------
 BR_HELLO_PROCESS: Final = 0x5201  # process_key, region_size, max_parcel: one read-only fd attached
@@ -138,12 +141,15 @@ BR_DEAD_BINDER: Final = 0x520B  # handle: the node behind a handle with a death 
 BR_SPAWN_LOOPER: Final = 0x520C  # every looper is busy and work waits: start one more
 BR_FDS: Final = 0x520D  # count: the next message carries `count` descriptors (SCM_RIGHTS)
 BR_DEADLINE: Final = 0x520E  # ns: the next BR_TRANSACTION's deadline (CLOCK_MONOTONIC, ns)
+BR_DETACHED: Final = 0x5210  # id: the call is detached; BC_REPLY_TO(id) answers it
+BR_CANCELLED: Final = 0x5211  # id: the caller of a detached call gave up (process connection)
 BR_CANCEL_DONE: Final = 0x520F  # found: the call is given up (1), or had ended, outcome sent (0)
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
 REPLY_OK: Final = 0  # [REPLY_OK, result]
-REPLY_EXCEPTION: Final = 1  # [REPLY_EXCEPTION, module, qualname, message, traceback]
+REPLY_EXCEPTION: Final = 1  # [REPLY_EXCEPTION, module, qualname, args, traceback]; args is
+#   a list, or {"args": [...], "attrs": {...}} for an exception with attributes
 REPLY_BINDER_ERROR: Final = 2  # [REPLY_BINDER_ERROR, error code (errors.ERROR_CODES), message]
 
 #: The first user transaction code (binder's FIRST_CALL_TRANSACTION).
@@ -194,6 +200,8 @@ _FIELDS: Final[dict[int, str]] = {
     BC_REGISTER_LOOPER: "",
     BC_DEADLINE: "Q",
     BC_CANCEL_TRANSACTION: "",
+    BC_DETACH: "",
+    BC_REPLY_TO: "QIQQQ",
     BR_HELLO_PROCESS: "QQQ",
     BR_HELLO_THREAD: "Q",
     BR_OK: "",
@@ -209,6 +217,8 @@ _FIELDS: Final[dict[int, str]] = {
     BR_FDS: "I",
     BR_DEADLINE: "Q",
     BR_CANCEL_DONE: "I",
+    BR_DETACHED: "Q",
+    BR_CANCELLED: "Q",
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.

@@ -288,3 +288,87 @@ def calc_server(socket_path: str, version: str) -> None:
         proc.start_thread_pool(2)
         print(f"ready {os.getpid()}", flush=True)
         proc.join_thread_pool()
+
+
+# -- values that arrive as they were sent (tests/test_values.py) -------------------------
+# Run as ``python -c "import peers; peers.values_server(SOCKET)"`` (with tests/ on
+# sys.path), so that the classes below are defined (main() above never returns), and
+# registered under the same names as in the test process.
+
+import dataclasses  # noqa: E402
+
+
+@pybinder.parcelable(name="tests.Frame")
+@dataclasses.dataclass
+class Frame:
+    """A parcelable both sides import."""
+
+    index: int
+    size: tuple[int, int]
+    tags: list[str] = dataclasses.field(default_factory=list)
+    payload: Any = None
+
+
+@pybinder.remote_exception(name="tests.QuotaError")
+class QuotaError(Exception):
+    """A registered exception whose ``__init__`` takes more than its ``args``."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.where = ("disk", 3)
+
+
+class IValues(pybinder.Interface):
+    DESCRIPTOR = "tests.IValues"
+
+    @pybinder.method
+    def inspect(self, value: Any) -> dict[str, Any]:
+        """How ``value`` arrived: its type, and for a numpy array its dtype, shape,
+        whether it is writeable, owns its memory, and lies on a memoryview (the
+        receiver's region)."""
+
+    @pybinder.method
+    def raise_quota(self, limit: int) -> None:
+        """Raise QuotaError("over quota", limit)."""
+
+    @pybinder.method
+    def bad_result(self) -> Any:
+        """A result with a set deep inside, which cannot be sent."""
+
+
+class ValuesService(IValues.Stub):
+    def inspect(self, value: Any) -> dict[str, Any]:
+        kind = type(value)
+        found: dict[str, Any] = {"type": f"{kind.__module__}.{kind.__qualname__}"}
+        if kind.__name__ == "ndarray":
+            base = value
+            while getattr(base, "base", None) is not None and not isinstance(base, memoryview):
+                base = base.base
+            found.update(
+                dtype=value.dtype.str,
+                shape=list(value.shape),
+                writeable=bool(value.flags.writeable),
+                owndata=bool(value.flags.owndata),
+                on_memoryview=isinstance(base, memoryview),
+                sha256=hashlib.sha256(value.tobytes()).hexdigest(),
+            )
+        return found
+
+    def raise_quota(self, limit: int) -> None:
+        raise QuotaError("over quota", limit)
+
+    def bad_result(self) -> Any:
+        return {"frames": [1, 2, {3}]}
+
+
+def values_server(socket_path: str) -> None:
+    """Serve "test" (TestService) and "values" (ValuesService) until killed."""
+    with pybinder.connect(socket_path, region_size=32 << 20) as proc:
+        service = TestService()
+        service.proc = proc
+        proc.add_service("test", service)
+        proc.add_service("values", ValuesService())
+        proc.start_thread_pool(2)
+        print(f"ready {os.getpid()}", flush=True)
+        proc.join_thread_pool()

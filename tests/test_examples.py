@@ -45,3 +45,19 @@ def test_listeners_shows_callbacks_and_a_death_recipient_firing():
     assert "client: death recipient: the hub in pid" in out
     assert "client: hub alive: False" in out
     assert out.rstrip().endswith("done: the client saw the hub's events and its death")
+
+
+def test_async_calc_gathers_slow_calls_and_cancels_one():
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "async_calc.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "add(2, 40) = 42" in out
+    assert "100 calls of 0.2 s each: sum 9900 in" in out
+    assert "TimeoutError, cancelled" in out
+    assert "server: add(1, 1) cancelled: is_cancelled() = True" in out
+    assert out.rstrip().endswith("done")

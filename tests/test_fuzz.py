@@ -57,7 +57,7 @@ from conftest import UNEXPECTED
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from peers import ICallback, ITest
-from waiting import eventually, fill_thread_pool, loopers
+from waiting import eventually, grow_thread_pool, loopers
 
 from pybinder import parcel, protocol
 from pybinder.errors import (
@@ -533,8 +533,8 @@ class Env:
             assert self.call(self.service.echo, "hello") == "hello"
             # The server's pool starts one looper and grows on demand up to 4 (plus its
             # main thread): fill it now, so that no looper connects during an example.
-            fill_thread_pool(self.service, 5)
-            assert eventually(lambda: loopers(self.server_entry()) == 5, timeout=WAIT_S)
+            serving = lambda: loopers(self.server_entry())  # noqa: E731
+            assert grow_thread_pool(self.service, serving, 5, timeout=WAIT_S)
             self.baseline = self.snapshot()
             self.names = self.call(self.proc.list_services)  # "test"
         except BaseException:
@@ -1089,6 +1089,7 @@ def thread_fields(sizes: list[int]) -> dict[int, tuple[st.SearchStrategy[int], .
 #: What a thread connection may get back from the broker when nothing it holds can be
 #: called (it hands out no node): never a BR_TRANSACTION, a hello or a descriptor.
 THREAD_ANSWERS = {
+    protocol.BR_CANCEL_DONE,  # the answer to BC_CANCEL_TRANSACTION, with or without a call
     BR_ERROR,
     BR_REPLY,
     BR_TRANSACTION_COMPLETE,

@@ -34,8 +34,8 @@ def test_nested_values_round_trip(service):
     assert service.echo(value) == value
 
 
-def test_tuples_arrive_as_lists(service):
-    assert service.echo((1, (2, 3))) == [1, [2, 3]]
+def test_tuples_arrive_as_tuples_and_lists_as_lists(service):
+    assert service.echo((1, (2, 3), [4])) == (1, (2, 3), [4])
 
 
 def test_8_mib_payload_keeps_its_sha256_both_ways(service):

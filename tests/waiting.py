@@ -35,3 +35,16 @@ def fill_thread_pool(service: object, calls: int, seconds: float = 0.3) -> None:
         thread.start()
     for thread in threads:
         thread.join(30)
+
+
+def grow_thread_pool(
+    service: object, count: Callable[[], int], wanted: int, timeout: float = 10.0
+) -> bool:
+    """Make rounds of concurrent calls until ``count()`` (the server's loopers) is
+    ``wanted``: the broker asks for one looper at a time, only while calls queue."""
+    give_up = time.monotonic() + timeout
+    while count() < wanted:
+        if time.monotonic() > give_up:
+            return False
+        fill_thread_pool(service, wanted + 2, 0.3)
+    return count() == wanted

@@ -98,6 +98,8 @@ _HELD_COMMANDS: Final = frozenset(
         protocol.BC_RELEASE,
         protocol.BC_DEADLINE,
         protocol.BC_CANCEL_TRANSACTION,
+        protocol.BC_DETACH,
+        protocol.BC_REPLY_TO,
     )
 )
 _STOP_SIGNALS: Final = frozenset((int(signal.SIGTERM), int(signal.SIGINT)))
@@ -209,6 +211,8 @@ class Broker:
             protocol.BC_REGISTER_LOOPER: router.register_looper,
             protocol.BC_DEADLINE: router.set_deadline,
             protocol.BC_CANCEL_TRANSACTION: router.cancel,
+            protocol.BC_DETACH: router.detach,
+            protocol.BC_REPLY_TO: router.reply_to,
         }
 
     # -- life cycle -------------------------------------------------------------------

@@ -86,6 +86,9 @@ def process_died(router: Router, process: ProcessRecord) -> None:
         thread_exited(router, thread)
     while process.todo:
         _dead_reply(router, process.todo.popleft())
+    for txn in list(process.detached.values()):  # answers it will never send
+        _abandon(router, txn)
+    process.detached.clear()
     for node in process.nodes.values():
         router.send_death_notices(node)
         while node.async_todo:  # a two-way call queued behind oneway ones waits here too

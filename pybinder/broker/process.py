@@ -295,6 +295,8 @@ class ProcessRecord:
         self.async_space = self.allocator.capacity // 2
         self.async_free = self.async_space
         self.buffers: dict[int, Buffer] = {}
+        self.detached: dict[int, Transaction] = {}  # id -> a call answered by BC_REPLY_TO
+        self.next_detached = 1
         self.held: dict[ProcessRecord, int] = {}  # sender -> bytes its calls' buffers hold
         self.threads: list[ThreadRecord] = []
         self.idle_stack: list[ThreadRecord] = []
@@ -436,6 +438,7 @@ class ProcessRecord:
         for node in _first(self.nodes.values()):
             queued.extend(_first(node.async_todo))
         running = [txn for thread in self.threads for txn in thread.incoming]
+        running.extend(_first(self.detached.values()))
         return [
             _transaction_status(txn, state, now)
             for state, txns in (("queued", queued), ("running", running))

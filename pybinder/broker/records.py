@@ -82,6 +82,7 @@ class Transaction:
         deadline: when its caller gives up (CLOCK_MONOTONIC, ns; 0: never), passed
             to the thread that runs it (BR_DEADLINE).
         cancelled: its caller gave up (BC_CANCEL_TRANSACTION); a reply is dropped.
+        detached_id: its id once its server detached it (BC_DETACH; 0: not detached).
     """
 
     __slots__ = (
@@ -90,6 +91,7 @@ class Transaction:
         "cancelled",
         "code",
         "deadline",
+        "detached_id",
         "flags",
         "from_thread",
         "in_async_lane",
@@ -137,6 +139,7 @@ class Transaction:
         self.started = time.monotonic()
         self.deadline = 0
         self.cancelled = False
+        self.detached_id = 0
 
     @property
     def target(self) -> ProcessRecord:

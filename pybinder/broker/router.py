@@ -48,16 +48,21 @@ from pybinder.parcel import encode as encode_parcel
 from pybinder.protocol import (
     BC_CANCEL_TRANSACTION,
     BC_DEADLINE,
+    BC_DETACH,
     BC_RELEASE,
     BC_REPLY,
+    BC_REPLY_TO,
     BC_TRANSACTION,
     BR_CANCEL_DONE,
+    BR_CANCELLED,
     BR_DEAD_BINDER,
     BR_DEAD_REPLY,
     BR_DEADLINE,
+    BR_DETACHED,
     BR_ERROR,
     BR_FAILED_REPLY,
     BR_FDS,
+    BR_OK,
     BR_RELEASE_NODE,
     BR_REPLY,
     BR_SPAWN_LOOPER,
@@ -453,6 +458,11 @@ class Router:
             self.set_deadline(thread, command[1])
         elif op == BC_CANCEL_TRANSACTION:
             self.cancel(thread)
+        elif op == BC_DETACH:
+            self.detach(thread)
+        elif op == BC_REPLY_TO:
+            _, txn_id, flags, size, tail_offset, tail_len = command
+            self.reply_to(thread, txn_id, flags, size, tail_offset, tail_len)
         else:
             self.parts.ready(thread, command[1])
 
@@ -918,9 +928,57 @@ class Router:
         thread.outgoing = None
         txn.from_thread = None
         txn.cancelled = True
-        if txn.to_thread is None:
+        if txn.detached_id:  # its server answers it later: tell it to stop
+            self.notify(txn.target, protocol.encode(BR_CANCELLED, txn.detached_id))
+        elif txn.to_thread is None:
             self._unqueue(txn)
         self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
+
+    # -- detached calls (BC_DETACH, BC_REPLY_TO): answered later, by any thread -------
+
+    def detach(self, thread: ThreadRecord) -> None:
+        """BC_DETACH: the two-way call ``thread`` runs will be answered later by
+        BC_REPLY_TO (a coroutine's result); ``thread`` is free for other work and
+        gets BR_DETACHED(id).
+
+        Raises:
+            ProtocolError: it runs no two-way call.
+        """
+        if not thread.incoming or thread.incoming[-1].oneway:
+            raise ProtocolError("BC_DETACH with no two-way call to detach")
+        txn = thread.incoming.pop()
+        process = thread.process
+        txn.detached_id = process.next_detached
+        process.next_detached += 1
+        process.detached[txn.detached_id] = txn
+        self.send(thread, protocol.encode(BR_DETACHED, txn.detached_id))
+        if thread.idle:
+            process.became_idle(thread)
+            self.dispatch(process)
+
+    def reply_to(
+        self,
+        thread: ThreadRecord,
+        txn_id: int,
+        flags: int,
+        size: int,
+        tail_offset: int = 0,
+        tail_len: int = 0,
+    ) -> None:
+        """BC_REPLY_TO: answer the detached call ``txn_id`` of ``thread``'s process
+        with the parcel in ``thread``'s areas, as BC_REPLY would.
+
+        Raises:
+            ProtocolError: no such detached call, or a reply in parts.
+        """
+        txn = thread.process.detached.pop(txn_id, None)
+        if txn is None or flags & TF_PARTS:
+            raise ProtocolError(f"BC_REPLY_TO {txn_id}: no such detached call, or in parts")
+        thread.incoming.append(txn)
+        self.reply(thread, flags, size, tail_offset, tail_len)
+        # Copied: its sender may write its send area again (it has no other way to
+        # know, as a looper does from its next call).
+        self.send(thread, protocol.encode(BR_OK))
 
     def _unqueue(self, txn: Transaction) -> None:
         """Take a given-up transaction not yet handed to a thread out of its queue,

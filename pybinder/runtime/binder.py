@@ -124,7 +124,8 @@ class BinderProxy:
             DeadObjectError: the node's process died (the message names the node).
             ProxyClosedError: this proxy was closed.
             TransactionTooLargeError: the parcel does not fit the target's free space.
-            RemoteError, or a builtin exception type: the remote method raised.
+            RemoteError, or a builtin or registered (pybinder.remote_exception) exception
+                type: the remote method raised.
             BinderError: any other failure (see :mod:`pybinder.errors`).
         """
         return self.call(code, descriptor, list(args), kwargs or {}, TF_ONE_WAY if oneway else 0)
@@ -363,18 +364,42 @@ def binder_error_reply(exc: BinderError) -> list[Any]:
 
 
 def exception_reply(exc: BaseException, remote_traceback: str) -> list[Any]:
+    """The reply body for an exception a method raised:
+    ``[REPLY_EXCEPTION, module, qualname, args, traceback]``.
+
+    ``module`` and ``qualname`` name its class; a :func:`pybinder.remote_exception`
+    class goes by its registered name, split at the last dot (``module`` is "" for
+    a name without one). ``args`` is ``list(exc.args)``; for a registered or builtin
+    exception with instance attributes (``__dict__`` entries but dunder names and
+    ``remote_traceback``) it is ``{"args": [...], "attrs": {name: value}}``, with
+    each attribute that can be sent (the others are left out).
+    """
     kind = type(exc)
-    return [REPLY_EXCEPTION, kind.__module__, kind.__qualname__, list(exc.args), remote_traceback]
+    name = _exception_name(kind)
+    if name is not None:
+        module, _, qualname = name.rpartition(".")
+    else:
+        module, qualname = kind.__module__, kind.__qualname__
+    args: Any = list(exc.args)
+    if name is not None or module == "builtins":
+        attrs = _sendable_attributes(exc)
+        if attrs:
+            args = {"args": args, "attrs": attrs}
+    return [REPLY_EXCEPTION, module, qualname, args, remote_traceback]
 
 
 def encode_reply(body: list[Any], process: ProcessState) -> parcel.EncodedParcel:
-    """Encode a reply body; a result that cannot be sent becomes a TypeError reply."""
+    """Encode a reply body; a result that cannot be sent becomes a TypeError reply
+    whose message names the part that could not, as ``result['frames'][3]: cannot
+    send a Foo``. An exception whose args cannot be sent goes with ``str`` of each
+    arg instead (and without its attributes)."""
     try:
-        return parcel.encode(body, process.encode_object)
+        return parcel.encode(body, process.encode_object, names=_REPLY_NAMES)
     except Exception as exc:  # a result msgpack cannot carry, a released memoryview...
         fallback = exception_reply(exc, traceback.format_exc())
         if body[0] == REPLY_EXCEPTION:  # the exception's own args could not be sent
-            fallback = [REPLY_EXCEPTION, body[1], body[2], [str(a) for a in body[3]], body[4]]
+            args = body[3]["args"] if isinstance(body[3], dict) else body[3]
+            fallback = [REPLY_EXCEPTION, body[1], body[2], [str(a) for a in args], body[4]]
         return parcel.encode(fallback)
 
 
@@ -382,9 +407,12 @@ def unpack_reply(body: Any) -> Any:
     """Turn a reply body into the result, or raise what the remote side raised.
 
     Raises:
-        RemoteError: a non-builtin exception in the remote method.
-        Exception: the same builtin type as the remote one, with ``remote_traceback``.
+        RemoteError: an exception in the remote method whose class is neither
+            builtin nor registered here with :func:`pybinder.remote_exception`.
+        Exception: the same builtin or registered type as the remote one, with its
+            args, its attributes and ``remote_traceback`` (see :func:`rebuild_exception`).
         BinderError: a binder-level failure the target reported.
+        ProtocolError: a malformed reply body.
     """
     if not isinstance(body, list) or not body:
         raise ProtocolError(f"malformed reply body {body!r}")
@@ -395,13 +423,28 @@ def unpack_reply(body: Any) -> Any:
         _, code, message, *details = body
         raise error_from_reply(code, message, details)
     if status == REPLY_EXCEPTION:
-        _, module, qualname, args, remote_traceback = body
-        raise rebuild_exception(module, qualname, args, remote_traceback)
+        module, qualname, args, attrs, remote_traceback = _exception_parts(body)
+        raise rebuild_exception(module, qualname, args, remote_traceback, attrs)
     raise ProtocolError(f"unknown reply status {status!r}")
 
 
-def rebuild_exception(module: str, qualname: str, args: list[Any], remote_tb: str) -> Exception:
-    """The caller-side exception for a remote one: same builtin type, else RemoteError."""
+def rebuild_exception(
+    module: str,
+    qualname: str,
+    args: list[Any],
+    remote_tb: str,
+    attrs: dict[str, Any] | None = None,
+) -> Exception:
+    """The caller-side exception for a remote one.
+
+    A builtin exception (``module`` "builtins") is rebuilt as its type, and a class
+    registered here with :func:`pybinder.remote_exception` by the name
+    ``module.qualname`` as that class: called with ``args`` or, if that raises,
+    made without calling ``__init__``; ``attrs`` are then set on it (dunder names
+    excepted). Anything else becomes :class:`RemoteError` naming the remote type:
+    no module the remote side names is ever imported, and no other class looked up.
+    Each gets ``remote_traceback`` and a note with the remote traceback.
+    """
     exc: Exception | None = None
     if module == "builtins":
         kind = getattr(builtins, qualname, None)
@@ -410,9 +453,15 @@ def rebuild_exception(module: str, qualname: str, args: list[Any], remote_tb: st
                 exc = kind(*args)
             except Exception:
                 exc = None
+    else:
+        registered = _exception_class(f"{module}.{qualname}" if module else qualname)
+        if registered is not None:
+            exc = _make_exception(registered, args)
+    if exc is not None and attrs:
+        _set_attributes(exc, attrs)
     if exc is None:
         message = str(args[0]) if len(args) == 1 else ", ".join(map(str, args))
-        exc = RemoteError(message, f"{module}.{qualname}", remote_tb)
+        exc = RemoteError(message, f"{module}.{qualname}" if module else qualname, remote_tb)
     exc.remote_traceback = remote_tb  # type: ignore[attr-defined]
     if remote_tb:
         exc.add_note("Remote traceback (most recent call last):\n" + remote_tb.rstrip())
@@ -450,3 +499,85 @@ def speaks(target: Binder, descriptor: str) -> bool:
     if not descriptor:
         return False
     return any(klass.__dict__.get("DESCRIPTOR") == descriptor for klass in type(target).__mro__)
+
+
+# -- values of exception replies (exception_reply, unpack_reply) -------------------------
+
+#: What a TypeError calls the items of a reply body (see ``parcel.encode``'s ``names``).
+_REPLY_NAMES = ("status", "result", "exception name", "exception args", "traceback")
+
+
+def _exception_name(kind: type) -> str | None:
+    return parcel.values.exception_name(kind)  # the registry parcel's layer keeps
+
+
+def _exception_class(name: str) -> type[Exception] | None:
+    return parcel.values.exception_class(name)
+
+
+def _sendable_attributes(exc: BaseException) -> dict[str, Any]:
+    """The instance attributes of ``exc`` that go with it: ``__dict__`` entries but
+    dunder names (``__notes__``...) and ``remote_traceback``, each that can be sent
+    on its own (binder objects cannot: an exception carries data)."""
+    found: dict[str, Any] = {}
+    for key, value in getattr(exc, "__dict__", {}).items():
+        if type(key) is not str or _is_dunder(key) or key == "remote_traceback":
+            continue
+        try:
+            parcel.encode(value)
+        except Exception:
+            continue
+        found[key] = value
+    return found
+
+
+def _is_dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
+
+
+def _exception_parts(body: list[Any]) -> tuple[str, str, list[Any], dict[str, Any] | None, str]:
+    """``(module, qualname, args, attrs, traceback)`` of an exception reply body.
+
+    Raises:
+        ProtocolError: the body is malformed.
+    """
+    if len(body) != 5:
+        raise ProtocolError(f"malformed exception reply {body!r}"[:500])
+    _, module, qualname, args, remote_traceback = body
+    attrs = None
+    if type(args) is dict:
+        attrs = args.get("attrs")
+        args = args.get("args", [])
+    if (
+        type(module) is not str
+        or type(qualname) is not str
+        or type(args) not in (list, tuple)
+        or (attrs is not None and type(attrs) is not dict)
+    ):
+        raise ProtocolError(f"malformed exception reply {body!r}"[:500])
+    return module, qualname, list(args), attrs, str(remote_traceback)
+
+
+def _make_exception(kind: type[Exception], args: list[Any]) -> Exception | None:
+    """``kind(*args)``, or if that raises, an instance made without ``__init__``
+    (as an exception whose ``__init__`` takes other arguments than its ``args``)."""
+    try:
+        return kind(*args)
+    except Exception:
+        pass
+    try:
+        exc = kind.__new__(kind, *args)
+        exc.args = tuple(args)
+    except Exception:
+        return None
+    return exc
+
+
+def _set_attributes(exc: BaseException, attrs: dict[str, Any]) -> None:
+    """Set the arriving instance attributes on ``exc`` (not dunder names)."""
+    namespace = getattr(exc, "__dict__", None)
+    if namespace is None:
+        return
+    for key, value in attrs.items():
+        if type(key) is str and not _is_dunder(key):
+            namespace[key] = value

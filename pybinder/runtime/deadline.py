@@ -14,8 +14,14 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
 
 _local = threading.local()
+
+#: The call a coroutine serves (a thread_state.AsyncCall: ``caller``, ``deadline_ns``,
+#: ``cancelled``), in the context of the task that runs it; None elsewhere.
+ASYNC_CALL: ContextVar[Any] = ContextVar("pybinder_async_call", default=None)
 
 #: Nanoseconds in a second.
 NS = 1_000_000_000
@@ -70,6 +76,9 @@ def call_deadline_ns(default_timeout: float | None) -> int:
     serving: list[int] | None = getattr(_local, "serving", None)
     if serving and serving[-1] and (not found or serving[-1] < found):
         found = serving[-1]
+    call = ASYNC_CALL.get()
+    if call is not None and call.deadline_ns and (not found or call.deadline_ns < found):
+        found = call.deadline_ns
     if default_timeout is not None:
         at = time.monotonic_ns() + int(default_timeout * NS)
         if not found or at < found:
@@ -92,9 +101,12 @@ def get_deadline() -> float | None:
     """The deadline of the call this thread is serving, in ``time.monotonic()``
     seconds, or None (no deadline, or not serving a call)."""
     serving: list[int] | None = getattr(_local, "serving", None)
-    if not serving or not serving[-1]:
-        return None
-    return serving[-1] / NS
+    if serving and serving[-1]:
+        return serving[-1] / NS
+    call = ASYNC_CALL.get()
+    if call is not None and call.deadline_ns:
+        return float(call.deadline_ns) / NS
+    return None
 
 
 def time_remaining() -> float | None:
@@ -105,8 +117,12 @@ def time_remaining() -> float | None:
 
 
 def is_cancelled() -> bool:
-    """Whether the caller of the call this thread is serving has given up on it: its
-    deadline has passed (the caller's call raised DeadlineExceededError then, and
-    the broker drops this call's reply)."""
+    """Whether the caller of the call this thread (or this coroutine) is serving has
+    given up on it: its deadline has passed (the caller's call raised
+    DeadlineExceededError then, and the broker drops this call's reply), or, for a
+    coroutine, the caller cancelled it (its task is cancelled too)."""
+    call = ASYNC_CALL.get()
+    if call is not None and call.cancelled:
+        return True
     remaining = time_remaining()
     return remaining is not None and remaining <= 0

@@ -3,6 +3,7 @@ receive region, its thread states and thread pool, its local nodes and its handl
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import errno
@@ -12,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+import traceback
 import weakref
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -21,6 +23,7 @@ from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
     BrokerUnavailableError,
+    DeadlineExceededError,
     ProtocolError,
     ProxyClosedError,
     QuotaExceededError,
@@ -34,6 +37,7 @@ from pybinder.protocol import (
     BC_RELEASE,
     BC_REQUEST_DEATH_NOTIFICATION,
     BC_SET_MAX_THREADS,
+    BR_CANCELLED,
     BR_DEAD_BINDER,
     BR_ERROR,
     BR_HELLO_PROCESS,
@@ -42,17 +46,25 @@ from pybinder.protocol import (
     MAX_MESSAGE,
     MAX_THREADS_LIMIT,
     PROTOCOL_VERSION,
+    REPLY_OK,
     RING_IS_ORDERED,
     SERVICE_CALLBACK_DESCRIPTOR,
     SERVICE_MANAGER_HANDLE,
 )
 from pybinder.region import map_region_readonly
 from pybinder.runtime import interface as interfaces
-from pybinder.runtime.binder import Binder, BinderProxy, ProxyBase
+from pybinder.runtime.binder import (
+    Binder,
+    BinderProxy,
+    ProxyBase,
+    binder_error_reply,
+    exception_reply,
+)
+from pybinder.runtime.deadline import ASYNC_CALL
 from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface
 from pybinder.runtime.service_manager import IServiceManager
-from pybinder.runtime.thread_state import ThreadState
+from pybinder.runtime.thread_state import AsyncCall, ThreadState
 
 I = TypeVar("I", bound=Interface)  # noqa: E741
 
@@ -175,6 +187,11 @@ class ProcessState:
         self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
         self._releases_of: dict[int, Any] = {}  # handle -> the finalizer releasing it
         self._registrations: dict[tuple[str, Any], Binder] = {}  # (name, callback) -> stub
+        #: The event loop coroutine methods run on (``pybinder.aio`` sets the running
+        #: one; else the runtime starts its own, on the thread "pybinder-asyncio").
+        self.async_loop: asyncio.AbstractEventLoop | None = None
+        self._own_loop: threading.Thread | None = None
+        self._async_calls: dict[int, tuple[AsyncCall, Any]] = {}  # detached id -> (call, future)
         self.max_threads = 0
         self.releases: collections.deque[bytes] = collections.deque()
         #: Whether one of this process's loopers is polling for its next transaction;
@@ -439,6 +456,69 @@ class ProcessState:
         self._loopers.append(looper)
         looper.start()
 
+    # -- coroutine methods ---------------------------------------------------------------
+
+    def run_async(self, call: AsyncCall) -> None:
+        """Run a coroutine a method returned on the event loop (:attr:`async_loop`,
+        or one of the runtime's own): many such calls run at once without a thread
+        each. Its answer goes back from the loop's thread (BC_REPLY_TO)."""
+        loop = self._event_loop()
+        future = asyncio.run_coroutine_threadsafe(self._serve_async(call), loop)
+        if call.txn_id:
+            self._async_calls[call.txn_id] = (call, future)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self.async_loop is None or self.async_loop.is_closed():
+                loop = asyncio.new_event_loop()
+                self._own_loop = threading.Thread(
+                    target=loop.run_forever, name="pybinder-asyncio", daemon=True
+                )
+                self._own_loop.start()
+                self.async_loop = loop
+            return self.async_loop
+
+    async def _serve_async(self, call: AsyncCall) -> None:
+        """Await ``call``'s coroutine in a task whose context names the call (for
+        get_calling_pid, get_deadline, is_cancelled), then answer it."""
+        ASYNC_CALL.set(call)
+        try:
+            body = [REPLY_OK, await call.coroutine]
+        except asyncio.CancelledError:
+            body = binder_error_reply(DeadlineExceededError("the caller cancelled the call"))
+        except BinderError as exc:
+            body = binder_error_reply(exc)
+        except Exception as exc:
+            body = exception_reply(exc, traceback.format_exc())
+        self._async_calls.pop(call.txn_id, None)
+        if not call.txn_id and body[0] != REPLY_OK:
+            log.error("oneway coroutine call raised: %s", body[1:4])
+        try:
+            if not self.closed:
+                self.thread_state().reply_detached(call, body)
+        except BinderError as exc:
+            log.warning("could not answer a coroutine call: %s", exc)
+        finally:
+            call.release_views()
+
+    def _stop_own_loop(self, current: threading.Thread) -> None:
+        """Stop the event loop the runtime started for coroutine methods, if any."""
+        thread, loop = self._own_loop, self.async_loop
+        if thread is None or loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not current:
+            thread.join(CLOSE_TIMEOUT)
+            loop.close()
+
+    def _cancel_async(self, txn_id: int) -> None:
+        """BR_CANCELLED: the caller of a detached call gave up; cancel its task."""
+        entry = self._async_calls.get(txn_id)
+        if entry is not None:
+            call, future = entry
+            call.cancelled = True
+            future.cancel()
+
     def spawn_looper(self) -> None:
         """BR_SPAWN_LOOPER: start one more looper, below ``max_threads``."""
         with self._lock:
@@ -601,6 +681,8 @@ class ProcessState:
                 proxy.died()
         elif op == BR_SPAWN_LOOPER:
             self.spawn_looper()
+        elif op == BR_CANCELLED:
+            self._cancel_async(command[1])
         elif op == BR_ERROR:
             log.error("the broker refused a command of this process (error %d)", command[1])
         else:
@@ -674,6 +756,7 @@ class ProcessState:
         for looper in self._loopers:
             if looper is not current:
                 looper.join(timeout=CLOSE_TIMEOUT)
+        self._stop_own_loop(current)
         self._leave_broker()
         try:
             self.region_view.release()

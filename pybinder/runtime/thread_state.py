@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Container
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from pybinder import parcel, protocol
@@ -38,18 +39,21 @@ from pybinder.errors import (
 from pybinder.protocol import (
     BC_CANCEL_TRANSACTION,
     BC_DEADLINE,
+    BC_DETACH,
     BC_ENTER_LOOPER,
     BC_FREE_BUFFER,
     BC_HELLO_THREAD,
     BC_PARCEL_READY,
     BC_REGISTER_LOOPER,
     BC_REPLY,
+    BC_REPLY_TO,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
     BR_CANCEL_DONE,
     BR_DEAD_BINDER,
     BR_DEAD_REPLY,
     BR_DEADLINE,
+    BR_DETACHED,
     BR_ERROR,
     BR_FAILED_REPLY,
     BR_FDS,
@@ -67,6 +71,7 @@ from pybinder.protocol import (
     PROGRESS_WORD,
     PROTOCOL_VERSION,
     REPLY_EXCEPTION,
+    REPLY_OK,
     SERVICE_MANAGER_HANDLE,
     SETTLED_WORD,
     TF_ONE_WAY,
@@ -77,7 +82,7 @@ from pybinder.protocol import (
 )
 from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
-from pybinder.runtime.deadline import pop_serving, push_serving
+from pybinder.runtime.deadline import ASYNC_CALL, pop_serving, push_serving
 
 if TYPE_CHECKING:
     from pybinder.runtime.process_state import ProcessState
@@ -104,7 +109,49 @@ _pack_reply = protocol.COMMAND_STRUCTS[BC_REPLY].pack
 _pack_free = protocol.COMMAND_STRUCTS[BC_FREE_BUFFER].pack
 _pack_ready = protocol.COMMAND_STRUCTS[BC_PARCEL_READY].pack
 _pack_deadline = protocol.COMMAND_STRUCTS[BC_DEADLINE].pack
+_pack_reply_to = protocol.COMMAND_STRUCTS[BC_REPLY_TO].pack
 _CANCEL = protocol.encode(BC_CANCEL_TRANSACTION)
+_DETACH = protocol.encode(BC_DETACH)
+
+
+class AsyncCall:
+    """A call whose method returned a coroutine, run on an event loop (see
+    ProcessState.run_async) and answered by :meth:`ThreadState.reply_detached`.
+
+    Attributes:
+        coroutine: what the method returned.
+        offset: its buffer in this process's region, freed once it has ended.
+        views: the arguments' in-place views, released once it has ended.
+        caller: (pid, uid, gid) of the caller.
+        deadline_ns: the caller's deadline (CLOCK_MONOTONIC ns; 0: none).
+        txn_id: the broker's id for it once detached (0: a oneway call).
+        cancelled: its caller gave up (BR_CANCELLED).
+    """
+
+    def __init__(
+        self,
+        coroutine: Any,
+        offset: int,
+        views: list[memoryview],
+        caller: tuple[int, int, int],
+        deadline_ns: int,
+    ) -> None:
+        self.coroutine = coroutine
+        self.offset = offset
+        self.views = views
+        self.caller = caller
+        self.deadline_ns = deadline_ns
+        self.txn_id = 0
+        self.cancelled = False
+
+    def release_views(self) -> None:
+        for view in self.views:
+            _release(view)
+        self.views = []
+
+
+class CallCancelledError(BinderError):
+    """The call was given up from another thread (:meth:`ThreadState.cancel_call`)."""
 
 
 class _Expired(Exception):
@@ -137,6 +184,8 @@ RING_PATIENCE = 1e-3
 WINDOW_DRAIN_TIMEOUT = 5.0
 
 _OUTCOMES = frozenset({BR_REPLY, BR_TRANSACTION_COMPLETE, BR_DEAD_REPLY, BR_FAILED_REPLY})
+#: What ends a call's wait: its outcome, or a cancel from another thread (cancel_call).
+_CALL_ENDS = _OUTCOMES | {BR_CANCEL_DONE}
 _PROCESS_RETURNS = frozenset({BR_RELEASE_NODE, BR_DEAD_BINDER, BR_SPAWN_LOOPER})
 
 #: Room for the most descriptors one message can carry (the kernel's SCM_MAX_FD).
@@ -154,19 +203,28 @@ def get_calling_pid() -> int:
     """The pid of the process whose call this thread is running (binder's
     getCallingPid); this process's own pid outside a call."""
     stack = getattr(_identity, "stack", None)
-    return stack[-1][0] if stack else os.getpid()
+    if stack:
+        return int(stack[-1][0])
+    call = ASYNC_CALL.get()
+    return int(call.caller[0]) if call is not None else os.getpid()
 
 
 def get_calling_uid() -> int:
     """The uid of the calling process, from the kernel (SO_PEERCRED); own uid outside a call."""
     stack = getattr(_identity, "stack", None)
-    return stack[-1][1] if stack else os.getuid()
+    if stack:
+        return int(stack[-1][1])
+    call = ASYNC_CALL.get()
+    return int(call.caller[1]) if call is not None else os.getuid()
 
 
 def get_calling_gid() -> int:
     """The gid of the calling process, from the kernel (SO_PEERCRED); own gid outside a call."""
     stack = getattr(_identity, "stack", None)
-    return stack[-1][2] if stack else os.getgid()
+    if stack:
+        return int(stack[-1][2])
+    call = ASYNC_CALL.get()
+    return int(call.caller[2]) if call is not None else os.getgid()
 
 
 class ThreadState:
@@ -282,7 +340,9 @@ class ThreadState:
             self._send(prefix + message if prefix else message, encoded if fds else None)
         started = time.perf_counter()
         try:
-            outcome = self._wait_for(_OUTCOMES, self._spin, deadline_ns if prefix else 0)
+            outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns if prefix else 0)
+            while outcome[0] == BR_CANCEL_DONE and not outcome[1]:  # a stale cancel's answer
+                outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns if prefix else 0)
         except _Expired:
             self._give_up()
             waited = time.perf_counter() - started
@@ -297,6 +357,8 @@ class ThreadState:
         op = outcome[0]
         if op == BR_REPLY:
             return outcome[1], outcome[2]
+        if op == BR_CANCEL_DONE:  # given up from another thread (cancel_call)
+            raise CallCancelledError("the call was cancelled")
         if op == BR_TRANSACTION_COMPLETE:
             return None
         if op == BR_DEAD_REPLY:
@@ -535,6 +597,8 @@ class ThreadState:
             self._execute(command)
         elif op == BR_DEADLINE:
             self._next_deadline = command[1]
+        elif op == BR_CANCEL_DONE:
+            pass  # the answer to a cancel that came after its call had ended
         elif op in _PROCESS_RETURNS:
             self._process.on_process_return(command)
         elif op == BR_ERROR:
@@ -564,6 +628,11 @@ class ThreadState:
                     target = process.local_node(node)
                     body, views = parcel.decode(data, process.decode_object, fds=fds)
                     reply = run_call(target, code, body)
+                    if type(reply[1]) is CoroutineType and reply[0] == REPLY_OK:
+                        caller = (pid, uid, gid)
+                        call = AsyncCall(reply[1], offset, views, caller, deadline_ns)
+                        self._hand_over(call, bool(oneway))
+                        return  # its views stay valid, and its buffer held, until it ends
                 except BinderError as exc:
                     reply = binder_error_reply(exc)
                     for fd in fds or ():  # decode closes those it got; these it did not
@@ -597,6 +666,44 @@ class ThreadState:
             self._send(_pack_reply(BC_REPLY, 0, *placed) + free)
         else:
             self._send(free + _pack_reply(BC_REPLY, 0, *placed))
+
+    def _hand_over(self, call: AsyncCall, oneway: bool) -> None:
+        """A method returned a coroutine: run it on the process's event loop and let
+        this thread serve on. A two-way call is detached first (BC_DETACH; the
+        broker answers BR_DETACHED(id)), to be answered by :meth:`reply_detached`; a
+        oneway call is done for the broker at once (its node's next oneway call may
+        start), and its buffer is freed when the coroutine ends."""
+        if oneway:
+            self._send(_ONEWAY_DONE)
+        else:
+            self._send(_DETACH)
+            call.txn_id = self._wait_for((BR_DETACHED,))[1]
+        self._process.run_async(call)
+
+    def reply_detached(self, call: AsyncCall, body: list[Any]) -> None:
+        """Answer a detached call with ``body`` from this thread (BC_REPLY_TO; a
+        oneway call gets no answer), and free its buffer (BC_FREE_BUFFER)."""
+        free = _pack_free(BC_FREE_BUFFER, call.offset)
+        if not call.txn_id:
+            self._send(free)
+            return
+        try:
+            encoded = encode_reply(body, self._process)
+            tail_offset, tail_len = self._find_loaned(encoded)
+            placed = self._write(encoded, tail_offset, tail_len)
+        except TransactionTooLargeError as exc:
+            encoded = parcel.encode(binder_error_reply(exc))
+            placed = self._write(encoded, 0, 0)
+        message = _pack_reply_to(BC_REPLY_TO, call.txn_id, 0, *placed) + free
+        self._send(message, encoded if encoded.fds else None)
+        self._wait_for((BR_OK,))  # copied: the send area may be written again
+
+    def cancel_call(self) -> None:
+        """Give up the two-way call this thread waits on, from another thread (an
+        asyncio task cancelled while a worker waits for it): the waiting thread's
+        call raises CallCancelledError once the broker confirms. Only sends."""
+        with contextlib.suppress(OSError):
+            self._sock.send(_CANCEL)
 
     def _write_reply(self, reply: list[Any]) -> tuple[int, int, int] | None:
         """Encode a reply body into the send area; see :meth:`_write`. A large reply

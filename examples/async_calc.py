@@ -1,0 +1,111 @@
+"""asyncio on both sides: a server whose methods are ``async def`` and a client that
+awaits its proxy, gathers 100 slow calls and cancels one.
+
+    python examples/async_calc.py
+
+Starts a broker, an async server and an async client, each a real process. The
+server serves on its event loop (no thread per call): 100 calls that each sleep
+0.2 s finish together. (This file plays all three roles: ``async_calc.py server
+SOCKET`` and ``async_calc.py client SOCKET`` are what it starts.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pybinder
+import pybinder.aio
+
+TIMEOUT = 30.0
+
+
+class ISlowCalc(pybinder.Interface):
+    DESCRIPTOR = "example.ISlowCalc"
+
+    @pybinder.method
+    def add(self, a: int, b: int, seconds: float) -> int:
+        """``a + b``, after ``seconds``."""
+
+
+class SlowCalc(ISlowCalc.Stub):
+    async def add(self, a: int, b: int, seconds: float) -> int:
+        try:
+            await asyncio.sleep(seconds)  # waits without holding a thread
+        except asyncio.CancelledError:
+            print(f"add({a}, {b}) cancelled: is_cancelled() = {pybinder.is_cancelled()}")
+            raise
+        return a + b
+
+
+async def serve(socket_path: str) -> None:
+    async with pybinder.aio.connect(socket_path) as proc:
+        await proc.add_service("calc", SlowCalc())
+        print("ready", flush=True)
+        await proc.serve(max_threads=2)
+
+
+async def use(socket_path: str) -> None:
+    async with pybinder.aio.connect(socket_path) as proc:
+        calc = await proc.get_service("calc", ISlowCalc)
+        print("add(2, 40) =", await calc.add(2, 40, 0))
+        started = time.monotonic()
+        sums = await asyncio.gather(*(calc.add(i, i, 0.2) for i in range(100)))
+        took = time.monotonic() - started
+        print(f"100 calls of 0.2 s each: sum {sum(sums)} in {took:.2f} s")
+        try:
+            async with asyncio.timeout(0.3):
+                await calc.add(1, 1, 10)
+        except TimeoutError:
+            print("a 10 s call under asyncio.timeout(0.3): TimeoutError, cancelled")
+        await asyncio.sleep(0.2)  # let the server print its side
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="pybinder-async-") as tmp:
+        socket_path = str(Path(tmp) / "broker.sock")
+        python = sys.executable
+        broker = subprocess.Popen(
+            [python, "-m", "pybinder", "broker", "--socket", socket_path],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        server = None
+        try:
+            assert broker.stdout is not None and "listening" in broker.stdout.readline()
+            server = subprocess.Popen(
+                [python, __file__, "server", socket_path], stdout=subprocess.PIPE, text=True
+            )
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            client = subprocess.run(
+                [python, __file__, "client", socket_path],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            print(client.stdout, end="")
+            if client.returncode != 0:
+                print(client.stderr, file=sys.stderr)
+                return 1
+        finally:
+            for proc in (server, broker):
+                if proc is not None:
+                    proc.terminate()
+                    output, _ = proc.communicate(timeout=TIMEOUT)
+                    if proc is server and output:
+                        print("server:", output.strip())
+    print("done")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "server":
+        asyncio.run(serve(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "client":
+        asyncio.run(use(sys.argv[2]))
+    else:
+        sys.exit(main())
