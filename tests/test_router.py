@@ -558,3 +558,15 @@ def test_a_cancelled_call_still_queued_leaves_its_queue_and_frees_its_buffer(wor
     world.router.cancel(caller)
     assert not b.todo and not b.buffers and not b.nodes[1].active
     assert last(caller) == (protocol.BR_CANCEL_DONE, 1)
+
+
+def test_a_call_while_a_parcel_in_parts_is_unfinished_is_refused_not_held(world):
+    """Its own unfinished parcel may hold the room the call would wait for, and the
+    parcel's parts would be held behind the waiting call: found by the fuzz."""
+    _a, _b, handle, thread = caller_and_server(world)
+    write_call(thread, ["d", [bytes(8192)], {}])
+    world.router.transaction(thread, handle, 1, TF_ONE_WAY | TF_PARTS, 1 << 20)
+    assert thread.parts is not None
+    size = write_call(thread, ["d", [], {}])
+    world.router.transaction(thread, handle, 1, TF_ONE_WAY, size)
+    assert last(thread)[0] == BR_FAILED_REPLY and thread.waiting_oneway is None

@@ -251,6 +251,11 @@ class Router:
             process = thread.process
             process.transactions_sent += 1
             self.transactions += 1
+            if thread.parts is not None:
+                # Its own unfinished parcel may hold the room this call would wait
+                # for, and its parts would be held behind it: refused, never waiting.
+                self.fail(thread, ProtocolError("a call while a parcel in parts is unfinished"))
+                return
             if handle == SERVICE_MANAGER_HANDLE:
                 self._to_service_manager(thread, code, flags, span)
                 return
