@@ -251,11 +251,6 @@ class Router:
             process = thread.process
             process.transactions_sent += 1
             self.transactions += 1
-            if thread.parts is not None:
-                # Its own unfinished parcel may hold the room this call would wait
-                # for, and its parts would be held behind it: refused, never waiting.
-                self.fail(thread, ProtocolError("a call while a parcel in parts is unfinished"))
-                return
             if handle == SERVICE_MANAGER_HANDLE:
                 self._to_service_manager(thread, code, flags, span)
                 return
@@ -268,6 +263,13 @@ class Router:
                 return
             if ref.node.dead:
                 self.dead_reply_to(thread, ref.node)
+                return
+            if flags & TF_ONE_WAY and thread.parts is not None:
+                # Its own unfinished parcel may hold the room this oneway call would
+                # wait for, and its parts would be held behind it: refused at once.
+                self.fail(
+                    thread, ProtocolError("a oneway call while a parcel in parts is unfinished")
+                )
                 return
             parent = thread.incoming[-1] if thread.incoming else None
             txn = Transaction(ref.node, code, flags, span, thread, parent)
