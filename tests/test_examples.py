@@ -61,3 +61,18 @@ def test_async_calc_gathers_slow_calls_and_cancels_one():
     assert "TimeoutError, cancelled" in out
     assert "server: add(1, 1) cancelled: is_cancelled() = True" in out
     assert out.rstrip().endswith("done")
+
+
+def test_camera_pipeline_sends_numpy_frames_copied_once():
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "camera_pipeline.py")],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "last frame: shape [480, 640, 3], float32, read-only True" in out
+    assert "brightest pixel of the last frame at [290, 580]" in out
+    assert "broker copied 30 frames' bytes: one copy per frame" in out
+    assert out.rstrip().endswith("done")
