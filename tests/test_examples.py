@@ -9,15 +9,17 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_quickstart_shows_a_client_and_a_server_talking_through_a_broker():
+def run_example(name: str, timeout: float) -> str:
+    """Run ``examples/name`` as a user would; its output, once it exited 0."""
     run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=timeout
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    out = run.stdout
+    return run.stdout
+
+
+def test_quickstart_shows_a_client_and_a_server_talking_through_a_broker():
+    out = run_example("quickstart.py", timeout=120)
     assert "broker: pybinder broker listening on" in out
     assert "client: calc.add(2, 40) = 42" in out
     assert "matches the local sha256" in out
@@ -28,14 +30,7 @@ def test_quickstart_shows_a_client_and_a_server_talking_through_a_broker():
 
 
 def test_listeners_shows_callbacks_and_a_death_recipient_firing():
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "listeners.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    out = run.stdout
+    out = run_example("listeners.py", timeout=60)
     assert "broker: pybinder broker listening on" in out
     assert "server: add_listener got an IListener.Proxy from pid" in out
     for tick in (1, 2, 3):
@@ -48,14 +43,7 @@ def test_listeners_shows_callbacks_and_a_death_recipient_firing():
 
 
 def test_async_calc_gathers_slow_calls_and_cancels_one():
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "async_calc.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    out = run.stdout
+    out = run_example("async_calc.py", timeout=60)
     assert "add(2, 40) = 42" in out
     assert "100 calls of 0.2 s each: sum 9900 in" in out
     assert "TimeoutError, cancelled" in out
@@ -64,14 +52,7 @@ def test_async_calc_gathers_slow_calls_and_cancels_one():
 
 
 def test_camera_pipeline_sends_numpy_frames_copied_once():
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "camera_pipeline.py")],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    out = run.stdout
+    out = run_example("camera_pipeline.py", timeout=90)
     assert "last frame: shape [480, 640, 3], float32, read-only True" in out
     assert "brightest pixel of the last frame at [290, 580]" in out
     assert "broker copied 30 frames' bytes: one copy per frame" in out

@@ -672,19 +672,7 @@ class Router:
         txn.to_thread = thread
         buffer.thread = thread
         txn.target.transactions_received += 1
-        if txn.deadline:
-            return _BR_DEADLINE.pack(BR_DEADLINE, txn.deadline) + _BR_TRANSACTION.pack(
-                BR_TRANSACTION,
-                txn.node.local_id,
-                txn.code,
-                txn.flags,
-                buffer.offset,
-                txn.size,
-                txn.sender_pid,
-                txn.sender_uid,
-                txn.sender_gid,
-            )
-        return _BR_TRANSACTION.pack(
+        handed = _BR_TRANSACTION.pack(
             BR_TRANSACTION,
             txn.node.local_id,
             txn.code,
@@ -695,6 +683,9 @@ class Router:
             txn.sender_uid,
             txn.sender_gid,
         )
+        if txn.deadline:
+            return _BR_DEADLINE.pack(BR_DEADLINE, txn.deadline) + handed
+        return handed
 
     # -- BC_REPLY ------------------------------------------------------------------
 
