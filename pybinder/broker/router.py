@@ -41,6 +41,7 @@ from pybinder.errors import (
 )
 from pybinder.parcel import (
     BUFFER_ENTRY,
+    EncodedParcel,
     parse_header,
     read_objects,
 )
@@ -762,11 +763,22 @@ class Router:
         """
         encoded = encode_parcel(body)
         process = thread.process
-        buffer = process.allocate(encoded.size, is_async=False)
+        buffer = self._write_own_parcel(process, encoded, is_async=False)
         if buffer is None:
             error = _too_large(process, encoded.size, is_async=False)
             self.fail(thread, error, encoded.size, error.limit)
             return
+        buffer.thread = thread
+        self.send(thread, protocol.encode(BR_REPLY, buffer.offset, encoded.size))
+
+    def _write_own_parcel(
+        self, process: ProcessRecord, encoded: EncodedParcel, is_async: bool
+    ) -> Buffer | None:
+        """Write a parcel the broker built into a new buffer of ``process`` and count
+        the bytes; None if it does not fit now."""
+        buffer = process.allocate(encoded.size, is_async)
+        if buffer is None:
+            return None
         dest = process.region.view[buffer.offset : buffer.offset + encoded.size]
         try:
             encoded.write_into(dest)
@@ -774,8 +786,7 @@ class Router:
             dest.release()
         self.bytes_copied += encoded.size
         process.bytes_copied_in += encoded.size
-        buffer.thread = thread
-        self.send(thread, protocol.encode(BR_REPLY, buffer.offset, encoded.size))
+        return buffer
 
     def transact_from_broker(self, node: Node, code: int, body: object) -> bool:
         """Send ``node`` a oneway call the broker makes itself (service notifications),
@@ -786,16 +797,9 @@ class Router:
         if target.dead:
             return False
         encoded = encode_parcel(body)
-        buffer = target.allocate(encoded.size, is_async=True)
+        buffer = self._write_own_parcel(target, encoded, is_async=True)
         if buffer is None:
             return False
-        dest = target.region.view[buffer.offset : buffer.offset + encoded.size]
-        try:
-            encoded.write_into(dest)
-        finally:
-            dest.release()
-        self.bytes_copied += encoded.size
-        target.bytes_copied_in += encoded.size
         txn = Transaction(node, code, TF_ONE_WAY, ParcelSpan(encoded.size), None, None)
         txn.buffer = buffer
         self._deliver(txn)
