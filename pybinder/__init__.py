@@ -19,9 +19,7 @@ Quick use::
         def add(self, a, b):
             return a + b
 
-    with pybinder.connect() as proc:
-        proc.add_service("calc", Calc())
-        proc.join_thread_pool()
+    pybinder.serve("calc", Calc())  # until SIGTERM; comes back after a broker restart
 """
 
 from pybinder.compiled import use_compiled_or_source
@@ -48,6 +46,7 @@ from pybinder.runtime.deadline import deadline, get_deadline, is_cancelled, time
 from pybinder.runtime.file_descriptor import ParcelFileDescriptor
 from pybinder.runtime.interface import Interface, method, oneway
 from pybinder.runtime.process_state import ProcessState, connect
+from pybinder.runtime.serve import serve
 from pybinder.runtime.thread_state import get_calling_gid, get_calling_pid, get_calling_uid
 from pybinder.values import parcelable, remote_exception
 
@@ -85,5 +84,6 @@ __all__ = [
     "oneway",
     "parcelable",
     "remote_exception",
+    "serve",
     "time_remaining",
 ]

@@ -9,6 +9,9 @@ The interfaces are defined here, so that the test process (``from model_peers im
   ``start_thread_pool(MAX_THREADS)`` (and no join_thread_pool: the pool's looper
   is the only one), print ``ready PID``, then wait to be killed.
 * ``echo NAME``: serve an :class:`Echo` as NAME the same way.
+* ``serve NAME``: ``pybinder.serve(NAME, Echo(NAME))``, which reconnects; once
+  ready it also adds an Echo as ``NAME.b`` and prints ``ready PID``; prints
+  ``reconnected N`` after each reconnect and ``stopped`` when serve() returns.
 * ``listener-client HUB``: a single-threaded client (it never starts a thread pool)
   that passes a :class:`RecordingListener` to the hub, then serves the hub's later
   call with join_thread_pool() on its main thread; prints what it saw.
@@ -262,12 +265,24 @@ def death_client(socket_path: str, hub_name: str) -> None:
         say("after", {"alive": hub.is_binder_alive(), "ping": hub.ping_binder()})
 
 
+def long_running(socket_path: str, name: str) -> None:
+    def ready(proc: pybinder.ProcessState) -> None:
+        proc.add_service(f"{name}.b", Echo(f"{name}.b"))
+        proc.on_reconnect(lambda proc: say("reconnected", proc.reconnects))
+        say("ready", os.getpid())
+
+    pybinder.serve(name, Echo(name), socket_path=socket_path, ready=ready)
+    say("stopped")
+
+
 def main(argv: list[str]) -> None:
     role, socket_path, *rest = argv
     if role == "hub":
         serve(socket_path, rest[0], Hub(), int(rest[1]))
     elif role == "echo":
         serve(socket_path, rest[0], Echo(rest[0]), 2)
+    elif role == "serve":
+        long_running(socket_path, rest[0])
     elif role == "listener-client":
         listener_client(socket_path, rest[0])
     elif role == "death-client":

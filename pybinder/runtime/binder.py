@@ -88,6 +88,9 @@ class BinderProxy:
             ("" when unknown): the sender's word, checked by the node on every call.
         owner_pid: the pid of the process that owns the node (0 when unknown).
         service_name: the name it was found by in the service manager, if any.
+        generation: the process's broker connection the handle belongs to; after a
+            reconnect (``connect(reconnect=True)``) a proxy found by name calls
+            through :attr:`successor`, the service of that name found again.
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class BinderProxy:
         self.service_name: str | None = None
         self.closed = False
         self.dead = False
+        self.generation = process.generation
+        self.successor: BinderProxy | None = None
         self._recipients: list[tuple[Callable[[Any], None], Any]] = []
 
     def transact(
@@ -137,6 +142,8 @@ class BinderProxy:
         if self.closed:
             raise ProxyClosedError(f"{self.describe()} was closed")
         process = self.process
+        if self.generation != process.generation:
+            return process.rebind(self).call(code, descriptor, args, kwargs, flags)
         encoded = parcel.encode([descriptor, args, kwargs], process.encode_object)
         thread = process.thread_state()
         if deadlines.use.active or process.call_timeout is not None:
@@ -174,6 +181,9 @@ class BinderProxy:
         """
         if self.closed:
             raise ProxyClosedError(f"{self.describe()} was closed")
+        if self.generation != self.process.generation and self.service_name is not None:
+            self.process.rebind(self).link_to_death(recipient, self if proxy is None else proxy)
+            return
         if self.dead:
             recipient(self if proxy is None else proxy)
             return
@@ -184,6 +194,9 @@ class BinderProxy:
 
     def unlink_to_death(self, recipient: Callable[[Any], None]) -> bool:
         """Forget ``recipient`` (unlinkToDeath); False if it was not linked."""
+        successor = self.successor
+        if successor is not None and successor.generation == self.process.generation:
+            return successor.unlink_to_death(recipient)
         for index, (linked, _) in enumerate(self._recipients):
             if linked is recipient or linked == recipient:
                 del self._recipients[index]
@@ -206,7 +219,14 @@ class BinderProxy:
     def is_binder_alive(self) -> bool:
         """Whether the node's process is alive (isBinderAlive): False once its death
         is known; with no death recipient linked it asks (:meth:`ping_binder`)."""
-        if self.dead or self.closed:
+        if self.closed:
+            return False
+        if self.generation != self.process.generation:
+            try:
+                return self.process.rebind(self, wait=False).is_binder_alive()
+            except BinderError:
+                return False
+        if self.dead:
             return False
         if self._recipients:
             return True
@@ -236,6 +256,7 @@ class BinderProxy:
         if not self.closed:
             self.closed = True
             self._recipients = []
+            self.successor = None  # shared with other proxies found by the name since
             self.process.release_proxy(self)
 
     def __enter__(self) -> BinderProxy:

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import traceback
 import weakref
 from pathlib import Path
@@ -24,9 +25,11 @@ from pybinder.errors import (
     BinderError,
     BrokerUnavailableError,
     DeadlineExceededError,
+    DeadObjectError,
     ProtocolError,
     ProxyClosedError,
     QuotaExceededError,
+    ServiceNotFoundError,
     quota_error,
 )
 from pybinder.parcel import OBJ_FD, OBJ_HANDLE, OBJ_NODE
@@ -52,6 +55,7 @@ from pybinder.protocol import (
     SERVICE_MANAGER_HANDLE,
 )
 from pybinder.region import map_region_readonly
+from pybinder.runtime import deadline as deadlines
 from pybinder.runtime import interface as interfaces
 from pybinder.runtime.binder import (
     Binder,
@@ -73,6 +77,17 @@ HELLO_TIMEOUT = 10.0
 
 #: Seconds close() waits for loopers to stop and for the broker to let go.
 CLOSE_TIMEOUT = 5.0
+
+#: Seconds between the first two tries to reach a broker that went away
+#: (``connect(reconnect=True)``); the pause doubles after each failed try ...
+RECONNECT_FIRST_DELAY = 0.05
+
+#: ... up to this many seconds.
+RECONNECT_MAX_DELAY = 1.0
+
+#: Seconds a proxy found by name waits for its service to be added again after a
+#: reconnect, when no deadline is in force (get_service's default timeout).
+REBIND_TIMEOUT = 5.0
 
 #: The longest a thread waiting for a reply polls before it sleeps, in µs
 #: (``$PYBINDER_SPIN_US``); within it, twice the thread's recent typical wait.
@@ -131,6 +146,18 @@ class ProcessState:
         call_timeout: seconds a two-way call may take unless a ``pybinder.deadline``
             block or the call being served sets an earlier deadline (None: no
             limit). A call past it raises DeadlineExceededError and is cancelled.
+        reconnect: when the broker goes away, try to reach one on the same socket
+            again, every 0.05 s at first and at most every 1 s, until :meth:`close`.
+            Death recipients fire when it goes, as without ``reconnect``. Once back,
+            the process has a new region, adds again the services it had added,
+            registers again for its notifications, restarts its loopers and calls
+            the :meth:`on_reconnect` callbacks. Calls made meanwhile raise
+            BrokerUnavailableError, or wait for the broker while a deadline is in
+            force (and raise DeadlineExceededError when it passes). A proxy found by
+            name (:meth:`get_service`) finds its service again on its next use,
+            waiting up to 5 s (or the deadline) for it to be added again; any other
+            proxy of the old broker raises DeadObjectError, and one closed with
+            ``close()`` stays closed.
 
     Attributes:
         region_size: the receive region's size in bytes, as granted.
@@ -160,8 +187,10 @@ class ProcessState:
         oneway_window: int | None = None,
         broker_uid: int | None = None,
         call_timeout: float | None = None,
+        reconnect: bool = False,
     ) -> None:
         self.socket_path: Path = resolve_socket_path(socket_path)
+        self.reconnect = reconnect
         self.broker_uid = broker_uid
         if call_timeout is not None and not call_timeout > 0:
             raise ValueError(f"call_timeout is a positive number of seconds, not {call_timeout}")
@@ -187,6 +216,16 @@ class ProcessState:
         self._proxies: weakref.WeakValueDictionary[int, BinderProxy] = weakref.WeakValueDictionary()
         self._releases_of: dict[int, Any] = {}  # handle -> the finalizer releasing it
         self._registrations: dict[tuple[str, Any], Binder] = {}  # (name, callback) -> stub
+        self._services: dict[str, Binder] = {}  # what add_service added, to add again
+        self._reconnect_callbacks: list[Any] = []
+        #: Which broker connection this is: it grows when the broker goes (with
+        #: ``reconnect``) and again when it is back. Proxies and thread states of an
+        #: earlier one are stale.
+        self.generation = 0
+        #: How many times this process reconnected to a broker.
+        self.reconnects = 0
+        self._broker_changed = threading.Condition()
+        self._connected = True
         #: The event loop coroutine methods run on (``pybinder.aio`` sets the running
         #: one; else the runtime starts its own, on the thread "pybinder-asyncio").
         self.async_loop: asyncio.AbstractEventLoop | None = None
@@ -197,12 +236,8 @@ class ProcessState:
         #: Whether one of this process's loopers is polling for its next transaction;
         #: at most one does (see ThreadState.join_looper).
         self.looper_polling = False
-        self._sock = self.open_connection()
-        try:
-            self.key, self.region_size, self.max_parcel, fd = self._hello(region_size or 0)
-        except BaseException:
-            self._sock.close()
-            raise
+        self._asked_region_size = region_size or 0
+        self._sock, self.key, self.region_size, self.max_parcel, fd = self._join()
         self.region_fd = fd
         self._region = map_region_readonly(fd, self.region_size)
         self.region_view = memoryview(self._region)
@@ -258,8 +293,21 @@ class ProcessState:
             f" (connect(broker_uid={uid}) trusts it)"
         )
 
-    def _hello(self, region_size: int) -> tuple[int, int, int, int]:
-        sock = self._sock
+    def _join(self) -> tuple[socket.socket, int, int, int, int]:
+        """Connect and say hello as a process: (connection, key, region size, largest
+        parcel, region fd).
+
+        Raises:
+            BrokerUnavailableError: as :class:`ProcessState`.
+        """
+        sock = self.open_connection()
+        try:
+            return (sock, *self._hello(sock, self._asked_region_size))
+        except BaseException:
+            sock.close()
+            raise
+
+    def _hello(self, sock: socket.socket, region_size: int) -> tuple[int, int, int, int]:
         sock.settimeout(HELLO_TIMEOUT)
         try:
             sock.send(protocol.encode(BC_HELLO_PROCESS, PROTOCOL_VERSION, region_size))
@@ -286,12 +334,25 @@ class ProcessState:
             BinderError: the process state is closed, or this is a forked child.
         """
         slot: _ThreadSlot | None = getattr(self._local, "slot", None)
-        if slot is None or self.closed or self._forked:
-            self._check_usable()
-            slot = _ThreadSlot(ThreadState(self))
-            self._local.slot = slot
-            self._thread_slots.add(slot)
+        if slot is None or slot.generation != self.generation or self.closed or self._forked:
+            slot = self._new_thread_slot(slot)
         return slot.state
+
+    def _new_thread_slot(self, stale: _ThreadSlot | None) -> _ThreadSlot:
+        """Connect this thread (again, after a reconnect: ``stale`` was connected to
+        the broker that went away)."""
+        self._check_usable()
+        if stale is not None:
+            with contextlib.suppress(BinderError):
+                stale.state.close()
+            self._thread_slots.discard(stale)
+        if not self._connected:
+            self.wait_for_broker()
+        generation = self.generation  # before connecting: a reconnect meanwhile makes it stale
+        slot = _ThreadSlot(ThreadState(self), generation)
+        self._local.slot = slot
+        self._thread_slots.add(slot)
+        return slot
 
     def _check_usable(self) -> None:
         if self._forked or os.getpid() != self._pid:
@@ -302,13 +363,15 @@ class ProcessState:
     # -- service manager -------------------------------------------------------------------
 
     def add_service(self, name: str, binder: Binder) -> None:
-        """Register a local object under ``name`` (servicemanager addService).
+        """Register a local object under ``name`` (servicemanager addService); with
+        ``reconnect``, it is added again after each reconnect.
 
         Raises:
             PermissionError: another uid registered ``name``.
             ValueError: ``name`` is empty or longer than 255 characters.
         """
         self.service_manager.add_service(name, binder)
+        self._services[name] = binder
 
     @overload
     def get_service(
@@ -340,6 +403,49 @@ class ProcessState:
         if binder is None:
             return None
         return self._as_service(name, binder, interface)
+
+    def rebind(self, proxy: BinderProxy, wait: bool = True) -> BinderProxy:
+        """The proxy to call in place of ``proxy``, which belongs to an earlier broker
+        connection: itself for the service manager; for a proxy found by name, the
+        service of that name now (found once, waiting up to the deadline in force or
+        :data:`REBIND_TIMEOUT` when ``wait``).
+
+        Raises:
+            BrokerUnavailableError: the broker is gone (and no deadline lets this wait).
+            DeadlineExceededError: the deadline passed while waiting for the broker.
+            DeadObjectError: ``proxy`` was not found by name, or its service did not
+                come back in time.
+        """
+        if not self._connected:
+            self.wait_for_broker()
+        if proxy.handle == SERVICE_MANAGER_HANDLE:
+            proxy.generation, proxy.dead = self.generation, False
+            return proxy
+        successor = proxy.successor
+        if successor is not None and successor.generation == self.generation:
+            return successor
+        name = proxy.service_name
+        if name is None:
+            raise DeadObjectError(f"{proxy.describe()} was a node of a broker that went away")
+        remaining = deadlines.time_remaining()
+        timeout = REBIND_TIMEOUT if remaining is None else max(0.0, remaining)
+        try:
+            found = (
+                self.service_manager.wait_for_service(name, timeout)
+                if wait
+                else self.service_manager.check_service(name)
+            )
+        except ServiceNotFoundError:
+            found = None
+        remote = found.binder if isinstance(found, ProxyBase) else found
+        if not isinstance(remote, BinderProxy):
+            where = "is now served by this process" if found else "has not come back"
+            raise DeadObjectError(
+                f"{proxy.describe()}: the broker restarted, and the service {where}"
+            )
+        remote.service_name = name
+        proxy.successor = remote
+        return remote
 
     def _as_service(self, name: str, binder: Any, interface: type[I] | None) -> Any:
         """Name the proxy after its service; view it as ``interface``, checking once
@@ -526,21 +632,168 @@ class ProcessState:
                 self._add_looper()
 
     def join_thread_pool(self) -> None:
-        """Serve transactions on the calling thread until :meth:`close` (or the broker goes).
+        """Serve transactions on the calling thread until :meth:`close` (or the broker
+        goes; with ``reconnect``, it serves again once the broker is back).
 
         Raises:
-            BrokerUnavailableError: the broker went away while the process was open.
+            BrokerUnavailableError: the broker went away while the process was open
+                (without ``reconnect``).
         """
-        self.thread_state().join_looper()
+        self._serve_looping(lambda: self.thread_state().join_looper())
 
     def _run_looper(self) -> None:
-        try:
+        def serve() -> None:
             state = self.thread_state()
             state.send_command(protocol.encode(BC_SET_MAX_THREADS, self.max_threads))
             state.join_looper(pool=True)
-        except BrokerUnavailableError:
-            if not self.closed:
-                raise
+
+        self._serve_looping(serve)
+
+    def _serve_looping(self, serve: Any) -> None:
+        """Run ``serve`` (a looper's loop) until the process closes; with ``reconnect``
+        run it again each time a broker is back after the last one went."""
+        while not self.closed:
+            generation = self.generation
+            try:
+                serve()
+                return
+            except BrokerUnavailableError:
+                if self.closed:
+                    return
+                if not self.reconnect:
+                    raise
+            self._wait_for_new_broker(generation)
+
+    # -- reconnecting ----------------------------------------------------------------------
+
+    def on_reconnect(self, callback: Any) -> None:
+        """Call ``callback(process_state)`` after each reconnect (see ``reconnect``),
+        on a runtime thread, once the services are added again and the notifications
+        registered again: for what else the process needs to set up again (links to
+        death, state kept by services). An exception it raises is logged."""
+        self._reconnect_callbacks.append(callback)
+
+    def wait_for_broker(self) -> None:
+        """While the broker is gone and this process reconnects: wait for it within the
+        deadline in force (``pybinder.deadline``, ``call_timeout``), else raise.
+
+        Raises:
+            BrokerUnavailableError: no deadline is in force, or this process does not
+                reconnect.
+            DeadlineExceededError: the deadline passed first.
+        """
+        if self._connected:
+            return
+        if not self.reconnect:
+            raise BrokerUnavailableError(f"the broker at {self.socket_path} went away")
+        deadline_ns = deadlines.call_deadline_ns(self.call_timeout)
+        if not deadline_ns:
+            raise BrokerUnavailableError(
+                f"the broker at {self.socket_path} went away; reconnecting"
+            )
+        with self._broker_changed:
+            while not self._connected and not self.closed:
+                remaining = (deadline_ns - time.monotonic_ns()) / 1e9
+                if remaining <= 0:
+                    raise DeadlineExceededError(
+                        f"the broker at {self.socket_path} was not back within the deadline"
+                    )
+                self._broker_changed.wait(remaining)
+        self._check_usable()
+
+    def _wait_for_new_broker(self, generation: int) -> None:
+        """Wait until a broker connection newer than ``generation`` is up, or the
+        process closes."""
+        with self._broker_changed:
+            while not self.closed and not (self._connected and self.generation > generation):
+                self._broker_changed.wait()
+
+    def _broker_went(self) -> None:
+        """The broker went away and this process reconnects: everything of the old
+        connection goes stale (handles, nodes, releases, detached calls)."""
+        with self._lock, self._broker_changed:
+            self._connected = False
+            self.generation += 1
+            proxies = list(self._proxies.values())
+            self._proxies.clear()
+            for finalizer in self._releases_of.values():
+                finalizer.detach()
+            self._releases_of.clear()
+            self.releases.clear()
+            self._nodes.clear()
+            self._node_ids.clear()
+            async_calls = list(self._async_calls.values())
+            self._async_calls.clear()
+            self._broker_changed.notify_all()
+        for call, future in async_calls:
+            call.cancelled = True
+            future.cancel()
+        for proxy in proxies:
+            proxy.died()
+
+    def _reconnect(self) -> bool:
+        """Try to reach a broker again, pausing RECONNECT_FIRST_DELAY doubling up to
+        RECONNECT_MAX_DELAY between tries, until one answers (True) or the process
+        closes (False)."""
+        delay = RECONNECT_FIRST_DELAY
+        while not self.closed:
+            try:
+                joined = self._join()
+            except BrokerUnavailableError as exc:
+                log.debug("reconnecting: %s", exc)
+                with self._broker_changed:
+                    if not self.closed:
+                        self._broker_changed.wait(delay)
+                delay = min(2 * delay, RECONNECT_MAX_DELAY)
+                continue
+            return self._attach(*joined)
+        return False
+
+    def _attach(
+        self, sock: socket.socket, key: int, region_size: int, max_parcel: int, fd: int
+    ) -> bool:
+        """Take a new broker connection in place of the old one; False (and the new
+        one closed) if the process closed meanwhile."""
+        region = map_region_readonly(fd, region_size)
+        with self._lock, self._broker_changed:
+            if self.closed:
+                old = (sock, region, memoryview(region), fd)
+            else:
+                old = (self._sock, self._region, self.region_view, self.region_fd)
+                self._sock, self.key, self.max_parcel = sock, key, max_parcel
+                self.region_size, self.region_fd = region_size, fd
+                self._region, self.region_view = region, memoryview(region)
+                self.generation += 1
+                self.reconnects += 1
+                self._connected = True
+                self._broker_changed.notify_all()
+        old_sock, old_region, old_view, old_fd = old
+        old_sock.close()
+        with contextlib.suppress(BufferError):  # a caller still holds a view: it keeps the map
+            old_view.release()
+            old_region.close()
+        os.close(old_fd)
+        return not self.closed
+
+    def _restore(self) -> None:
+        """After a reconnect: add the services again, register the notifications
+        again, then call the on_reconnect callbacks."""
+        log.info("reconnected to the broker at %s", self.socket_path)
+        for name, binder in list(self._services.items()):
+            try:
+                self.service_manager.add_service(name, binder)
+            except Exception as exc:
+                log.error("could not add the service %r again: %s", name, exc)
+        for (name, _), stub in list(self._registrations.items()):
+            try:
+                self.service_manager.register_for_notifications(name, stub)
+            except Exception as exc:
+                log.error("could not register for %r again: %s", name, exc)
+        for callback in list(self._reconnect_callbacks):
+            try:
+                callback(self)
+            except Exception:
+                log.exception("on_reconnect callback %r raised", callback)
 
     # -- objects in parcels ----------------------------------------------------------------------
 
@@ -564,6 +817,8 @@ class ProcessState:
                 raise TypeError("a proxy can only be sent through the process state it came from")
             if obj.closed:
                 raise ProxyClosedError(f"{obj.describe()} was closed")
+            if obj.generation != self.generation:
+                obj = self.rebind(obj)
             return OBJ_HANDLE, obj.handle, obj.descriptor
         return None
 
@@ -690,8 +945,30 @@ class ProcessState:
 
     def _serve_process_connection(self) -> None:
         """The runtime thread: read process-wide returns until the broker lets go;
-        if it went while this process was open, every proxy is dead."""
-        sock = self._sock
+        if it went while this process was open, every proxy is dead. With
+        ``reconnect``, reach a broker again; then a new runtime thread reads the new
+        connection while this one restores what the process had set up."""
+        self._read_process_connection(self._sock)
+        if self.closed:
+            return
+        if not self.reconnect:
+            log.warning("the broker at %s went away: every proxy is dead", self.socket_path)
+            for proxy in list(self._proxies.values()):
+                proxy.died()
+            return
+        log.warning(
+            "the broker at %s went away: every proxy is dead; reconnecting", self.socket_path
+        )
+        self._broker_went()
+        if not self._reconnect():
+            return
+        self._runtime_thread = threading.Thread(
+            target=self._serve_process_connection, name="pybinder-runtime", daemon=True
+        )
+        self._runtime_thread.start()
+        self._restore()
+
+    def _read_process_connection(self, sock: socket.socket) -> None:
         while True:
             try:
                 message = sock.recv(MAX_MESSAGE)
@@ -704,10 +981,6 @@ class ProcessState:
                     self.on_process_return(command)
             except BinderError as exc:
                 log.error("pybinder runtime thread: %s", exc)
-        if not self.closed:
-            log.warning("the broker at %s went away: every proxy is dead", self.socket_path)
-            for proxy in list(self._proxies.values()):
-                proxy.died()
 
     def take_releases(self) -> list[bytes]:
         """BC_RELEASE commands queued by dropped proxies, batched into messages."""
@@ -749,7 +1022,9 @@ class ProcessState:
         if self.closed:
             return
         self._flush_before_close()
-        self.closed = True
+        with self._broker_changed:
+            self.closed = True
+            self._broker_changed.notify_all()
         for slot in list(self._thread_slots):
             slot.state.close()
         current = threading.current_thread()
@@ -833,10 +1108,11 @@ class _ThreadSlot:
     to a native class without weak reference support.
     """
 
-    __slots__ = ("__weakref__", "state")
+    __slots__ = ("__weakref__", "generation", "state")
 
-    def __init__(self, state: ThreadState) -> None:
+    def __init__(self, state: ThreadState, generation: int) -> None:
         self.state = state
+        self.generation = generation  # the process's broker connection it belongs to
 
 
 def connect(
@@ -847,6 +1123,7 @@ def connect(
     oneway_window: int | None = None,
     broker_uid: int | None = None,
     call_timeout: float | None = None,
+    reconnect: bool = False,
 ) -> ProcessState:
     """Join the broker as a process; see :class:`ProcessState`.
 
@@ -861,4 +1138,5 @@ def connect(
         oneway_window=oneway_window,
         broker_uid=broker_uid,
         call_timeout=call_timeout,
+        reconnect=reconnect,
     )

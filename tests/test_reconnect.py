@@ -1,0 +1,126 @@
+"""Reconnecting (issue 17, item 3): ``connect(reconnect=True)`` and ``pybinder.serve``
+outlive a broker that is killed and started again on the same socket.
+
+Real processes: the broker, a ``serve()``d server (tests/model_peers.py ``serve``),
+this test process as a client with reconnect, and a plain client that looks the
+service up on the new broker.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from model_peers import IEcho
+from waiting import eventually
+
+import pybinder
+from pybinder.errors import (
+    BrokerUnavailableError,
+    DeadlineExceededError,
+    DeadObjectError,
+    ProxyClosedError,
+)
+
+MODEL_PEERS = Path(__file__).with_name("model_peers.py")
+pytestmark = pytest.mark.timeout(90)
+
+
+def start_serve_peer(cluster, name):
+    peer = cluster.spawn([sys.executable, str(MODEL_PEERS), "serve", cluster.socket, name])
+    peer.wait_ready()
+    return peer
+
+
+def test_a_served_server_and_a_reconnecting_client_outlive_a_broker_restart(cluster):
+    server = start_serve_peer(cluster, "echo")
+    old_broker = cluster.peers[0]
+    with pybinder.connect(cluster.socket, reconnect=True) as proc:
+        echo = proc.get_service("echo", IEcho)
+        assert echo.echo(1) == ["echo", server.pid, 1]
+        closed = proc.get_service("echo.b", IEcho)
+        closed.close()
+        deaths: list[object] = []
+        died = threading.Event()
+        echo.link_to_death(lambda who: (deaths.append(who), died.set()))
+        reconnected = threading.Event()
+        proc.on_reconnect(lambda state: reconnected.set())
+        added: list[tuple[str, object]] = []
+        proc.register_for_notifications("late", lambda name, binder: added.append((name, binder)))
+
+        old_broker.stop(signal.SIGKILL)
+        assert died.wait(5), "the death recipient did not fire when the broker went"
+        assert deaths == [echo]
+        with pytest.raises(BrokerUnavailableError):
+            echo.echo(2)  # no deadline: it does not wait for the broker
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError), pybinder.deadline(0.3):
+            echo.echo(3)  # a deadline: it waits for the broker, until then
+        assert 0.25 < time.monotonic() - started < 2.0
+
+        waiting: list[object] = []
+
+        def call_within_deadline() -> None:
+            with pybinder.deadline(15):
+                waiting.append(echo.echo(4))
+
+        waiter = threading.Thread(target=call_within_deadline)
+        waiter.start()
+        new_broker = cluster.broker("--max-region-size", str(64 << 20))
+        restarted = time.monotonic()
+        try:
+            with pybinder.connect(cluster.socket) as other:
+                found = other.get_service("echo", IEcho, timeout=5)
+                assert time.monotonic() - restarted < 5.0
+                assert found.echo(5) == ["echo", server.pid, 5]
+                assert server.readline() == "reconnected 1"
+
+                waiter.join(15)
+                assert waiting == [["echo", server.pid, 4]], "the waiting call did not go through"
+                assert echo.echo(6) == ["echo", server.pid, 6]  # the same proxy, found again
+                assert reconnected.wait(5) and proc.reconnects == 1
+                assert echo.is_binder_alive()
+                with pytest.raises(ProxyClosedError):
+                    closed.echo(7)
+                again = proc.get_service("echo.b", IEcho)
+                assert again.echo(8) == ["echo.b", server.pid, 8]
+
+                other.add_service("late", Echo("late"))
+                assert eventually(lambda: [name for name, _ in added] == ["late"])
+
+                server.proc.send_signal(signal.SIGTERM)
+                assert server.readline() == "stopped null"
+                assert server.proc.wait(10) == 0
+                assert eventually(lambda: other.check_service("echo") is None)
+                with pytest.raises(DeadObjectError):
+                    echo.echo(9)
+        finally:
+            new_broker.stop(signal.SIGTERM)
+
+
+def test_without_reconnect_a_broker_restart_ends_the_process_state(cluster):
+    old_broker = cluster.peers[0]
+    with pybinder.connect(cluster.socket) as proc:
+        assert proc.list_services() == []
+        old_broker.stop(signal.SIGKILL)
+        new_broker = cluster.broker()
+        try:
+            for _ in range(3):
+                with pytest.raises(BrokerUnavailableError), pybinder.deadline(1):
+                    proc.list_services()
+            assert proc.reconnects == 0
+        finally:
+            new_broker.stop(signal.SIGTERM)
+
+
+class Echo(IEcho.Stub):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def echo(self, value: object) -> list[object]:
+        return [self.name, 0, value]
+
