@@ -98,6 +98,8 @@ def test_a_keyboard_interrupt_during_a_call_leaves_the_thread_able_to_call(serve
     main = threading.main_thread().ident
     assert threading.get_ident() == main
     assert main is not None
+    # A shell starts a background job with SIGINT ignored, and Python then keeps it so.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
     timer.start()
     try:
@@ -105,5 +107,30 @@ def test_a_keyboard_interrupt_during_a_call_leaves_the_thread_able_to_call(serve
             service.sleep(2)
     finally:
         timer.join(5)
+        signal.signal(signal.SIGINT, previous)
     assert service.add(40, 2) == 42  # its own answer, not the abandoned sleep's
     assert service.sleep(0) > 0
+
+
+def test_a_oneway_call_waiting_for_room_gives_up_at_its_deadline_and_is_never_delivered(
+    cluster, proc
+):
+    cluster.server(region_size=1 << 20)  # 512 KiB of async space
+    service = proc.get_service("test", ITest, timeout=10)
+    service.record_slowly("slow", 1.5)  # holds the node's oneway lane
+    service.record(b"a" * (200 << 10))  # queued behind it: 400 KiB held
+    service.record(b"b" * (200 << 10))
+    started = time.monotonic()
+    with pytest.raises(pybinder.DeadlineExceededError, match="copied"), pybinder.deadline(0.4):
+        service.record(b"c" * (200 << 10))  # no room until the slow call ends
+    assert 0.35 < time.monotonic() - started < 1.3
+    assert service.add(1, 2) == 3  # the thread is usable: behind the lane, after 1.5 s
+    recorded = service.recorded()
+    assert [bytes(value[:1]) if isinstance(value, bytes) else value for value in recorded] == [
+        "slow",
+        b"a",
+        b"b",
+    ]
+    with pybinder.deadline(5):
+        service.record(b"d" * (200 << 10))  # within its deadline: copied
+    assert bytes(service.recorded()[-1][:1]) == b"d"

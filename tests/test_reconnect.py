@@ -123,4 +123,3 @@ class Echo(IEcho.Stub):
 
     def echo(self, value: object) -> list[object]:
         return [self.name, 0, value]
-

@@ -52,7 +52,13 @@ from pybinder.errors import (
     QuotaExceededError,
 )
 from pybinder.paths import ensure_socket_dir
-from pybinder.protocol import BC_FREE_BUFFER, BC_REPLY, BC_TRANSACTION, MAX_MESSAGE
+from pybinder.protocol import (
+    BC_CANCEL_TRANSACTION,
+    BC_FREE_BUFFER,
+    BC_REPLY,
+    BC_TRANSACTION,
+    MAX_MESSAGE,
+)
 from pybinder.region import (
     DEFAULT_REGION_SIZE,
     MIN_REGION_SIZE,
@@ -583,7 +589,8 @@ class Broker:
             for command in protocol.decode(data):
                 op = command[0]
                 if thread is not None and op in _HELD_COMMANDS and thread.held:
-                    router.hold(thread, command)
+                    if op != BC_CANCEL_TRANSACTION or not router.cancel_waiting_oneway(thread):
+                        router.hold(thread, command)
                     continue
                 # The hot commands skip the handler table.
                 if thread is not None and op in _HOT_COMMANDS:

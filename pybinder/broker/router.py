@@ -936,6 +936,27 @@ class Router:
             self._unqueue(txn)
         self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
 
+    def cancel_waiting_oneway(self, thread: ThreadRecord) -> bool:
+        """BC_CANCEL_TRANSACTION from a thread whose oneway call, sent outside the
+        window, waits for room (its deadline passed): take the call out of its
+        target's waiters, uncopied and never to be delivered, and answer
+        BR_CANCEL_DONE(1); then run what was held behind it. False (nothing done)
+        when no such call waits: the cancel is then held in order like the
+        thread's other commands (it names a call held behind a windowed one)."""
+        waiting = thread.waiting_oneway
+        if waiting is None or waiting.flags & TF_WINDOW:
+            return False
+        thread.waiting_oneway = None
+        target = waiting.target
+        if waiting in target.space_waiters:
+            target.space_waiters.remove(waiting)
+        self.close_span_fds(waiting.span, thread.process.uid)
+        self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
+        if thread.backlog:
+            self.run_backlog(thread)
+        self.retry_space_waiters(target)  # it may have held up waiters behind it
+        return True
+
     # -- detached calls (BC_DETACH, BC_REPLY_TO): answered later, by any thread -------
 
     def detach(self, thread: ThreadRecord) -> None:

@@ -147,7 +147,11 @@ class BinderProxy:
         encoded = parcel.encode([descriptor, args, kwargs], process.encode_object)
         thread = process.thread_state()
         if deadlines.use.active or process.call_timeout is not None:
-            deadline_ns = deadlines.call_deadline_ns(process.call_timeout)
+            deadline_ns = (
+                deadlines.oneway_deadline_ns()
+                if flags & TF_ONE_WAY
+                else deadlines.call_deadline_ns(process.call_timeout)
+            )
             try:
                 reply = thread.transact(self.handle, code, encoded, flags, deadline_ns)
             except DeadlineExceededError as exc:

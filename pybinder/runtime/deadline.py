@@ -50,6 +50,9 @@ def deadline(seconds: float) -> Iterator[None]:
     """Bound every call this thread makes inside the block to ``seconds`` from now;
     nested blocks keep the earlier deadline. A call still unanswered then raises
     :class:`~pybinder.errors.DeadlineExceededError` and is cancelled in the broker.
+    A oneway call inside the block waits for its copy into the target's region
+    (not in the window) and is cancelled, never delivered, if it is still waiting
+    for room there at the deadline.
 
     Raises:
         ValueError: ``seconds`` is NaN.
@@ -84,6 +87,15 @@ def call_deadline_ns(default_timeout: float | None) -> int:
         if not found or at < found:
             found = at
     return found
+
+
+def oneway_deadline_ns() -> int:
+    """The deadline (CLOCK_MONOTONIC ns; 0: none) for the copy of a oneway call made
+    now on this thread: only a ``deadline`` block's. The deadline of the call being
+    served and ``call_timeout`` bound two-way calls only, so oneway calls made under
+    them keep the window."""
+    calls: list[int] | None = getattr(_local, "calls", None)
+    return calls[-1] if calls else 0
 
 
 def push_serving(deadline_ns: int) -> None:

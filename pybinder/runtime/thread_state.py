@@ -297,7 +297,10 @@ class ThreadState:
         broker its deadline (BC_DEADLINE; the server reads it) and waits until then;
         unanswered, it is cancelled (BC_CANCEL_TRANSACTION): a reply that crossed the
         cancel is dropped, and the thread's next call gets its own. So is a call whose
-        wait an exception interrupts (KeyboardInterrupt, a signal handler's).
+        wait an exception interrupts (KeyboardInterrupt, a signal handler's). A oneway
+        call with ``deadline_ns`` skips the window and waits for its copy until then;
+        one still waiting for room in its target is cancelled the same way and never
+        delivered.
 
         Raises:
             DeadlineExceededError: no answer before ``deadline_ns``.
@@ -305,15 +308,17 @@ class ThreadState:
             also for an earlier windowed oneway call (see :meth:`flush_oneway`).
         """
         prefix = b""
-        if deadline_ns and not flags & TF_ONE_WAY:
+        if deadline_ns:
             if time.monotonic_ns() >= deadline_ns:
                 raise DeadlineExceededError("its deadline passed before it was sent")
-            prefix = _pack_deadline(BC_DEADLINE, deadline_ns)
+            if not flags & TF_ONE_WAY:
+                prefix = _pack_deadline(BC_DEADLINE, deadline_ns)
         tail_offset, tail_len = self._find_loaned(encoded)
         fds = encoded.fds
         if (
             flags & TF_ONE_WAY
             and not fds
+            and not deadline_ns
             and self._window > 1
             and not tail_len
             and encoded.size <= self._window_ring // 4
@@ -340,18 +345,23 @@ class ThreadState:
             self._send(prefix + message if prefix else message, encoded if fds else None)
         started = time.perf_counter()
         try:
-            outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns if prefix else 0)
+            outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns)
             while outcome[0] == BR_CANCEL_DONE and not outcome[1]:  # a stale cancel's answer
-                outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns if prefix else 0)
+                outcome = self._wait_for(_CALL_ENDS, self._spin, deadline_ns)
         except _Expired:
-            self._give_up()
+            if self._give_up() == BR_TRANSACTION_COMPLETE:
+                return None  # a oneway call copied just as its deadline passed
             waited = time.perf_counter() - started
+            if flags & TF_ONE_WAY:
+                raise DeadlineExceededError(
+                    f"a oneway call not copied into its target's region within its deadline"
+                    f" ({waited:.3f} s; no room there); it will not be delivered"
+                ) from None
             raise DeadlineExceededError(f"no answer within its deadline ({waited:.3f} s)") from None
         except BinderError:
             raise
         except BaseException:  # KeyboardInterrupt, a signal handler's: the call is given up
-            if not flags & TF_ONE_WAY:
-                self._give_up()
+            self._give_up()
             raise
         self._observe_wait(time.perf_counter() - started)
         op = outcome[0]
@@ -991,12 +1001,14 @@ class ThreadState:
         floor = min(MIN_SPIN, limit)
         self._spin = floor if typical > slow else max(floor, min(limit, 2 * typical))
 
-    def _give_up(self) -> None:
-        """Cancel the two-way call this thread waits on (BC_CANCEL_TRANSACTION) and
-        take in what the broker sends until it confirms (BR_CANCEL_DONE): an outcome
-        that crossed the cancel is dropped (a reply's buffer freed), and calls
-        routed to this thread meanwhile are served."""
+    def _give_up(self) -> int:
+        """Cancel the call this thread waits on (BC_CANCEL_TRANSACTION: a two-way
+        call, or a oneway call waiting for room) and take in what the broker sends
+        until it confirms (BR_CANCEL_DONE): an outcome that crossed the cancel is
+        dropped (a reply's buffer freed), and calls routed to this thread meanwhile
+        are served. Returns the crossing outcome's code (0: none)."""
         self._send(_CANCEL)
+        crossed = 0
         while True:
             done = False
             for command in protocol.decode(self._recv()):
@@ -1005,12 +1017,13 @@ class ThreadState:
                     done = True
                 elif op == BR_REPLY:
                     self._drop_reply(command[1], command[2])
+                    crossed = op
                 elif op in _OUTCOMES or op == BR_ERROR:
-                    continue  # the given-up call's outcome, or its refusal
+                    crossed = op  # the given-up call's outcome, or its refusal
                 else:
                     self._handle(command)
             if done:
-                return
+                return crossed
 
     def _ready_by(self, deadline_ns: int) -> bool:
         """Wait until a message is ready or ``deadline_ns`` passes; whether one is."""
