@@ -18,7 +18,7 @@ from typing import Final
 
 from pybinder.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 6
+PROTOCOL_VERSION: Final = 7
 
 #: The largest message either side sends or accepts, in bytes.
 MAX_MESSAGE: Final = 4096
@@ -144,6 +144,8 @@ BR_DEADLINE: Final = 0x520E  # ns: the next BR_TRANSACTION's deadline (CLOCK_MON
 BR_DETACHED: Final = 0x5210  # id: the call is detached; BC_REPLY_TO(id) answers it
 BR_CANCELLED: Final = 0x5211  # id: the caller of a detached call gave up (process connection)
 BR_CANCEL_DONE: Final = 0x520F  # found: the call is given up (1), or had ended, outcome sent (0)
+BR_CALL_CANCELLED: Final = 0x5212  # offset: the caller of the call whose buffer is at offset,
+#   run by this thread, gave up (on the thread's connection; is_cancelled() reads it)
 
 # -- the calling convention inside parcel bodies ---------------------------------
 # A call's body is [descriptor, args, kwargs]; a reply's body starts with a status.
@@ -219,6 +221,7 @@ _FIELDS: Final[dict[int, str]] = {
     BR_CANCEL_DONE: "I",
     BR_DETACHED: "Q",
     BR_CANCELLED: "Q",
+    BR_CALL_CANCELLED: "Q",
 }
 
 #: One precompiled struct per command: the u32 code followed by its fields.

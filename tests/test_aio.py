@@ -43,7 +43,15 @@ def test_a_hundred_gathered_calls_to_a_coroutine_method_run_at_once(slow_server,
     assert took < 2.0, f"100 calls of 0.2 s took {took:.2f} s"
 
 
-def test_cancelling_the_awaiting_task_cancels_the_call_in_the_server(slow_server, cluster):
+@pytest.fixture(params=["threads", "aio", "sync"])
+def any_slow_server(request, cluster):
+    """A "slow" server with coroutine methods (two ways) or plain ones (``sync``)."""
+    peer = cluster.spawn([sys.executable, str(AIO_PEERS), request.param, cluster.socket])
+    peer.wait_ready()
+    return peer
+
+
+def test_cancelling_the_awaiting_task_cancels_the_call_in_the_server(any_slow_server, cluster):
     async def main() -> list[list[object]]:
         async with pybinder.aio.connect(cluster.socket) as proc:
             slow = await proc.get_service("slow", ISlow, timeout=10)

@@ -536,9 +536,11 @@ def test_a_deadline_travels_with_its_call_and_a_cancel_drops_the_late_reply(worl
     received = server.conn.received  # type: ignore[attr-defined]
     assert received[-2] == (protocol.BR_DEADLINE, 123_456_789)
     assert received[-1][0] == BR_TRANSACTION and caller.next_deadline == 0
+    offset = received[-1][4]
     world.router.cancel(caller)
     assert last(caller) == (protocol.BR_CANCEL_DONE, 1) and caller.outgoing is None
-    world.router.free_buffer(server, received[-1][4])
+    assert received[-1] == (protocol.BR_CALL_CANCELLED, offset)  # for is_cancelled()
+    world.router.free_buffer(server, offset)
     reply = parcel.encode([0, "late"])
     reply.write_into(server.areas[SEND_AREA].view)
     world.router.reply(server, 0, reply.size)

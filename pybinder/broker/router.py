@@ -54,6 +54,7 @@ from pybinder.protocol import (
     BC_REPLY,
     BC_REPLY_TO,
     BC_TRANSACTION,
+    BR_CALL_CANCELLED,
     BR_CANCEL_DONE,
     BR_CANCELLED,
     BR_DEAD_BINDER,
@@ -919,7 +920,8 @@ class Router:
         """BC_CANCEL_TRANSACTION: ``thread`` gives up the two-way call it waits on.
 
         A call still queued is taken out and its buffer freed; one being run is marked
-        cancelled, and its reply will be dropped (its server sees its deadline pass).
+        cancelled, and its reply will be dropped; the thread running it gets
+        BR_CALL_CANCELLED (a coroutine serving a detached one, BR_CANCELLED).
         ``thread`` then gets BR_CANCEL_DONE(1) and nothing more for that call; if the
         call had ended already its outcome went first, and BR_CANCEL_DONE(0) follows.
         """
@@ -934,6 +936,8 @@ class Router:
             self.notify(txn.target, protocol.encode(BR_CANCELLED, txn.detached_id))
         elif txn.to_thread is None:
             self._unqueue(txn)
+        elif txn.buffer is not None:  # tell the thread running it (is_cancelled())
+            self.send(txn.to_thread, protocol.encode(BR_CALL_CANCELLED, txn.buffer.offset))
         self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
 
     def cancel_waiting_oneway(self, thread: ThreadRecord) -> bool:

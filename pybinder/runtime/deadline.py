@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
 _local = threading.local()
+_probe: list[Callable[[], bool] | None] = [None]  # see set_cancel_probe
 
 #: The call a coroutine serves (a thread_state.AsyncCall: ``caller``, ``deadline_ns``,
 #: ``cancelled``), in the context of the task that runs it; None elsewhere.
@@ -128,13 +129,28 @@ def time_remaining() -> float | None:
     return None if at is None else at - time.monotonic()
 
 
+def set_cancel_probe(probe: Callable[[], bool]) -> None:
+    """Set what tells whether the call the calling thread runs was cancelled by its
+    caller (thread_state sets it: the ThreadState running the call asks its
+    connection)."""
+    _probe[0] = probe
+
+
 def is_cancelled() -> bool:
     """Whether the caller of the call this thread (or this coroutine) is serving has
     given up on it: its deadline has passed (the caller's call raised
-    DeadlineExceededError then, and the broker drops this call's reply), or, for a
-    coroutine, the caller cancelled it (its task is cancelled too)."""
+    DeadlineExceededError then), or the caller cancelled it (an interrupted wait, a
+    cancelled asyncio task: the broker then tells the server, BR_CALL_CANCELLED, or
+    BR_CANCELLED for a coroutine, whose task is cancelled too). Either way the
+    broker drops the call's reply. Cheap enough to ask in a loop (one non-blocking
+    ``recv``)."""
     call = ASYNC_CALL.get()
-    if call is not None and call.cancelled:
-        return True
+    if call is not None:
+        if call.cancelled:
+            return True
+    else:
+        probe = _probe[0]
+        if probe is not None and probe():
+            return True
     remaining = time_remaining()
     return remaining is not None and remaining <= 0

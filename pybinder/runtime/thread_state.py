@@ -49,6 +49,7 @@ from pybinder.protocol import (
     BC_REPLY_TO,
     BC_SET_SEND_AREA,
     BC_TRANSACTION,
+    BR_CALL_CANCELLED,
     BR_CANCEL_DONE,
     BR_DEAD_BINDER,
     BR_DEAD_REPLY,
@@ -82,7 +83,7 @@ from pybinder.protocol import (
 )
 from pybinder.region import buffer_address, create_send_area
 from pybinder.runtime.binder import binder_error_reply, encode_reply, run_call
-from pybinder.runtime.deadline import ASYNC_CALL, pop_serving, push_serving
+from pybinder.runtime.deadline import ASYNC_CALL, pop_serving, push_serving, set_cancel_probe
 
 if TYPE_CHECKING:
     from pybinder.runtime.process_state import ProcessState
@@ -195,8 +196,20 @@ _ANCILLARY = socket.CMSG_SPACE(253 * 4)
 #: carries descriptors, so only that one is read with recvmsg (a plain recv costs
 #: a sixth less, and would drop descriptors).
 _FDS_FOLLOW = struct.pack("<I", BR_FDS)
+_CALL_CANCELLED = struct.pack("<I", BR_CALL_CANCELLED)
 
 _identity = threading.local()
+
+
+def _serving_cancelled() -> bool:
+    """Whether the caller of the call this thread runs gave up (is_cancelled())."""
+    stack: list[Any] | None = getattr(_identity, "stack", None)
+    if not stack:
+        return False
+    return bool(stack[-1][3].serving_cancelled())
+
+
+set_cancel_probe(_serving_cancelled)
 
 
 def get_calling_pid() -> int:
@@ -266,6 +279,8 @@ class ThreadState:
         self._fds: deque[int] = deque()  # descriptors received, not yet taken by a parcel
         self._next_deadline = 0  # BR_DEADLINE for the next BR_TRANSACTION (ns; 0: none)
         self._reply: parcel.EncodedParcel | None = None  # the reply being sent, if it has fds
+        self._serving_offsets: list[int] = []  # the buffers of the calls this thread runs
+        self._cancelled_offsets: set[int] = set()  # those whose callers gave up
         self._closed = False
         try:
             self._sock.send(protocol.encode(BC_HELLO_THREAD, PROTOCOL_VERSION, process.key))
@@ -273,6 +288,29 @@ class ThreadState:
         except BaseException:
             self._sock.close()
             raise
+
+    def serving_cancelled(self) -> bool:
+        """Whether the caller of the call this thread runs (the innermost) gave up:
+        takes in the BR_CALL_CANCELLED the broker sent meanwhile without waiting.
+        While a thread runs a method (and makes no call) nothing else can come on
+        its connection, so only these are taken."""
+        offsets = self._serving_offsets
+        if not offsets:
+            return False
+        while True:
+            try:
+                message = self._sock.recv(MAX_MESSAGE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:  # nothing there (EAGAIN), or the broker went
+                break
+            if not message.startswith(_CALL_CANCELLED):
+                break
+            commands = protocol.decode(message)
+            if any(command[0] != BR_CALL_CANCELLED for command in commands):
+                break  # not only cancels: left for the thread's next wait
+            self._sock.recv(MAX_MESSAGE)
+            for command in commands:
+                self._handle(command)
+        return offsets[-1] in self._cancelled_offsets
 
     # -- calling ------------------------------------------------------------------------
 
@@ -609,6 +647,9 @@ class ThreadState:
             self._next_deadline = command[1]
         elif op == BR_CANCEL_DONE:
             pass  # the answer to a cancel that came after its call had ended
+        elif op == BR_CALL_CANCELLED:
+            if command[1] in self._serving_offsets:  # else its call has ended: stale
+                self._cancelled_offsets.add(command[1])
         elif op in _PROCESS_RETURNS:
             self._process.on_process_return(command)
         elif op == BR_ERROR:
@@ -626,10 +667,11 @@ class ThreadState:
         process = self._process
         oneway = flags & TF_ONE_WAY
         stack = _identity.__dict__.setdefault("stack", [])
-        stack.append((pid, uid, gid))
+        stack.append((pid, uid, gid, self))  # the caller; self for is_cancelled()
         deadline_ns, self._next_deadline = self._next_deadline, 0
         if deadline_ns:
             push_serving(deadline_ns)
+        self._serving_offsets.append(offset)
         views: list[memoryview] = []
         try:
             with process.region_view[offset : offset + size] as data:
@@ -655,6 +697,9 @@ class ThreadState:
             stack.pop()
             if deadline_ns:
                 pop_serving()
+            self._serving_offsets.pop()
+            if self._cancelled_offsets:
+                self._cancelled_offsets.discard(offset)
         free = _pack_free(BC_FREE_BUFFER, offset)
         with_fds, self._reply = self._reply, None
         if with_fds is not None and placed is not None:  # it goes with its descriptors
