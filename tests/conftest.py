@@ -35,13 +35,16 @@ READY_TIMEOUT = 20.0
 class Peer:
     """A child process started with ``python tests/peers.py ROLE ...`` or any argv."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self.stderr_text = ""
@@ -96,8 +99,10 @@ class Cluster:
         self.env = env
         self.peers: list[Peer] = []
 
-    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> Peer:
-        peer = Peer(argv, env if env is not None else self.env)
+    def spawn(
+        self, argv: list[str], env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> Peer:
+        peer = Peer(argv, env if env is not None else self.env, pass_fds)
         self.peers.append(peer)
         return peer
 

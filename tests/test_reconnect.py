@@ -9,6 +9,7 @@ service up on the new broker.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -123,3 +124,60 @@ class Echo(IEcho.Stub):
 
     def echo(self, value: object) -> list[object]:
         return [self.name, 0, value]
+
+
+IMPOSTOR = """
+import os, socket, sys, time
+listener = socket.socket(fileno=int(sys.argv[1]))
+os.setgid(65534)
+os.setuid(65534)
+listener.listen(8)  # SO_PEERCRED gives a client the uid that called listen()
+print("listening", flush=True)
+listener.settimeout(0.1)
+connections = received = 0
+give_up = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < give_up:
+    try:
+        conn, _ = listener.accept()
+    except TimeoutError:
+        continue
+    connections += 1
+    conn.settimeout(0.5)
+    try:
+        received += len(conn.recv(4096))
+    except TimeoutError:
+        pass
+    conn.close()
+print(connections, received, flush=True)
+"""
+
+
+def test_a_reconnecting_process_sends_nothing_to_a_listener_of_another_uid(cluster):
+    """Whoever takes the socket path while the broker is gone gets connections that
+    close at once, without a byte: the uid check runs on every reconnect try."""
+    old_broker = cluster.peers[0]
+    with pybinder.connect(cluster.socket, reconnect=True) as proc:
+        old_broker.stop(signal.SIGKILL)
+        path = Path(cluster.socket)
+        path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(path))
+        impostor = cluster.spawn(
+            [sys.executable, "-c", IMPOSTOR, str(listener.fileno()), "2.5"],
+            pass_fds=(listener.fileno(),),
+        )
+        listener.close()
+        impostor.wait_ready("listening")
+        connections, received = map(int, impostor.readline(timeout=10).split())
+        assert connections >= 2 and received == 0
+        assert proc.reconnects == 0
+        with pytest.raises(BrokerUnavailableError):
+            proc.list_services()
+        path.unlink()
+        new_broker = cluster.broker()
+        try:
+            with pybinder.deadline(5):
+                assert proc.list_services() == []
+            assert proc.reconnects == 1
+        finally:
+            new_broker.stop(signal.SIGTERM)
