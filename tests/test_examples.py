@@ -26,6 +26,7 @@ def test_quickstart_shows_a_client_and_a_server_talking_through_a_broker():
     assert "checksum of 8388608 bytes (memoryview, read-only=True)" in out
     assert "raised TypeError remotely" in out
     assert "bytes copied, each exactly once (8388608 of them out-of-band payload)" in out
+    assert "server: stopped cleanly" in out  # pybinder.serve() on SIGTERM
     assert out.rstrip().endswith("done: broker, server and client have exited")
 
 

@@ -43,10 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--socket", help="broker socket (default: the usual search)")
     args = parser.parse_args()
-    with pybinder.connect(args.socket, region_size=32 << 20) as proc:
-        proc.add_service("calc", Calc())
-        print(f'registered "calc" (pid {os.getpid()})', flush=True)
-        proc.join_thread_pool()
+    # Serves until SIGTERM or SIGINT, and comes back if the broker restarts.
+    pybinder.serve(
+        "calc",
+        Calc(),
+        socket_path=args.socket,
+        region_size=32 << 20,
+        ready=lambda proc: print(f'registered "calc" (pid {os.getpid()})', flush=True),
+    )
+    print("stopped cleanly", flush=True)
 
 
 if __name__ == "__main__":
