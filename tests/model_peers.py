@@ -12,6 +12,8 @@ The interfaces are defined here, so that the test process (``from model_peers im
 * ``serve NAME``: ``pybinder.serve(NAME, Echo(NAME))``, which reconnects; once
   ready it also adds an Echo as ``NAME.b`` and prints ``ready PID``; prints
   ``reconnected N`` after each reconnect and ``stopped`` when serve() returns.
+* ``join NAME``: ``connect(reconnect=True)``, add an Echo as NAME and serve it with
+  ``join_thread_pool()`` on the main thread only (no pool); prints ``ready PID``.
 * ``listener-client HUB``: a single-threaded client (it never starts a thread pool)
   that passes a :class:`RecordingListener` to the hub, then serves the hub's later
   call with join_thread_pool() on its main thread; prints what it saw.
@@ -275,6 +277,13 @@ def long_running(socket_path: str, name: str) -> None:
     say("stopped")
 
 
+def joined(socket_path: str, name: str) -> None:
+    with pybinder.connect(socket_path, reconnect=True) as proc:
+        proc.add_service(name, Echo(name))
+        say("ready", os.getpid())
+        proc.join_thread_pool()  # serves again once the broker is back
+
+
 def main(argv: list[str]) -> None:
     role, socket_path, *rest = argv
     if role == "hub":
@@ -283,6 +292,8 @@ def main(argv: list[str]) -> None:
         serve(socket_path, rest[0], Echo(rest[0]), 2)
     elif role == "serve":
         long_running(socket_path, rest[0])
+    elif role == "join":
+        joined(socket_path, rest[0])
     elif role == "listener-client":
         listener_client(socket_path, rest[0])
     elif role == "death-client":

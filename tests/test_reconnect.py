@@ -31,18 +31,21 @@ MODEL_PEERS = Path(__file__).with_name("model_peers.py")
 pytestmark = pytest.mark.timeout(90)
 
 
-def start_serve_peer(cluster, name):
-    peer = cluster.spawn([sys.executable, str(MODEL_PEERS), "serve", cluster.socket, name])
+def start_model_peer(cluster, role, name):
+    peer = cluster.spawn([sys.executable, str(MODEL_PEERS), role, cluster.socket, name])
     peer.wait_ready()
     return peer
 
 
 def test_a_served_server_and_a_reconnecting_client_outlive_a_broker_restart(cluster):
-    server = start_serve_peer(cluster, "echo")
+    server = start_model_peer(cluster, "serve", "echo")
+    looper = start_model_peer(cluster, "join", "joined")  # join_thread_pool() only
     old_broker = cluster.peers[0]
     with pybinder.connect(cluster.socket, reconnect=True) as proc:
         echo = proc.get_service("echo", IEcho)
         assert echo.echo(1) == ["echo", server.pid, 1]
+        joined = proc.get_service("joined", IEcho)
+        assert joined.echo(1) == ["joined", looper.pid, 1]
         closed = proc.get_service("echo.b", IEcho)
         closed.close()
         deaths: list[object] = []
@@ -83,6 +86,8 @@ def test_a_served_server_and_a_reconnecting_client_outlive_a_broker_restart(clus
                 waiter.join(15)
                 assert waiting == [["echo", server.pid, 4]], "the waiting call did not go through"
                 assert echo.echo(6) == ["echo", server.pid, 6]  # the same proxy, found again
+                with pybinder.deadline(5):  # its main thread serves again
+                    assert joined.echo(6) == ["joined", looper.pid, 6]
                 assert reconnected.wait(5) and proc.reconnects == 1
                 assert echo.is_binder_alive()
                 with pytest.raises(ProxyClosedError):
