@@ -143,6 +143,12 @@ class AsyncProcessState:
         names: list[str] = await self.run(self.process.list_services)
         return names
 
+    def on_reconnect(self, callback: Callable[[ProcessState], Any]) -> None:
+        """:meth:`ProcessState.on_reconnect` (with ``aio.connect(reconnect=True)``); the
+        callback runs on a runtime thread, not on the event loop: hand work to the
+        loop with ``loop.call_soon_threadsafe``."""
+        self.process.on_reconnect(callback)
+
     def wrap(self, proxy: Any) -> Any:
         """An :class:`AsyncProxy` for a proxy; a local object is returned as is."""
         from pybinder.runtime.binder import Binder

@@ -8,6 +8,7 @@ service up on the new broker.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from model_peers import IEcho
 from waiting import eventually
 
 import pybinder
+import pybinder.aio
 from pybinder.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
@@ -186,3 +188,28 @@ def test_a_reconnecting_process_sends_nothing_to_a_listener_of_another_uid(clust
             assert proc.reconnects == 1
         finally:
             new_broker.stop(signal.SIGTERM)
+
+
+def test_an_asyncio_client_with_reconnect_calls_again_after_a_restart(cluster):
+    server = start_model_peer(cluster, "serve", "echo")
+    old_broker = cluster.peers[0]
+
+    async def main() -> list[object]:
+        options = {"reconnect": True, "call_timeout": 10.0}
+        async with pybinder.aio.connect(cluster.socket, **options) as proc:
+            back = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            proc.on_reconnect(lambda state: loop.call_soon_threadsafe(back.set))
+            echo = await proc.get_service("echo", IEcho)
+            first = await echo.echo(1)
+            old_broker.stop(signal.SIGKILL)
+            new_broker = cluster.broker()
+            try:
+                again = await echo.echo(2)  # waits, within call_timeout, for the broker
+                await asyncio.wait_for(back.wait(), 10)
+            finally:
+                new_broker.stop(signal.SIGTERM)
+            return [first, again]
+
+    first, again = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first == ["echo", server.pid, 1] and again == ["echo", server.pid, 2]
