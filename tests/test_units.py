@@ -158,7 +158,7 @@ def imported_modules(directory: Path) -> set[str]:
     return names
 
 
-SHARED = ("compiled", "errors", "paths", "parcel", "protocol", "region")
+SHARED = ("compiled", "errors", "paths", "parcel", "protocol", "region", "values")
 
 
 def pybinder_parts(directory: Path) -> set[str]:

@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pybinder import parcel
+from pybinder import parcel, values
 from pybinder.errors import (
     CODE_OF_ERROR,
     BinderError,
@@ -186,8 +186,13 @@ class BinderProxy:
         if self.closed:
             raise ProxyClosedError(f"{self.describe()} was closed")
         if self.generation != self.process.generation and self.service_name is not None:
-            self.process.rebind(self).link_to_death(recipient, self if proxy is None else proxy)
-            return
+            try:
+                successor = self.process.rebind(self)
+            except BinderError:
+                successor = None  # not back: it is dead, and the recipient fires below
+            if successor is not None:
+                successor.link_to_death(recipient, self if proxy is None else proxy)
+                return
         if self.dead:
             recipient(self if proxy is None else proxy)
             return
@@ -533,11 +538,11 @@ _REPLY_NAMES = ("status", "result", "exception name", "exception args", "traceba
 
 
 def _exception_name(kind: type) -> str | None:
-    return parcel.values.exception_name(kind)  # the registry parcel's layer keeps
+    return values.exception_name(kind)
 
 
 def _exception_class(name: str) -> type[Exception] | None:
-    return parcel.values.exception_class(name)
+    return values.exception_class(name)
 
 
 def _sendable_attributes(exc: BaseException) -> dict[str, Any]:

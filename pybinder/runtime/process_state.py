@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -217,7 +218,7 @@ class ProcessState:
         self._releases_of: dict[int, Any] = {}  # handle -> the finalizer releasing it
         self._registrations: dict[tuple[str, Any], Binder] = {}  # (name, callback) -> stub
         self._services: dict[str, Binder] = {}  # what add_service added, to add again
-        self._reconnect_callbacks: list[Any] = []
+        self._reconnect_callbacks: list[Callable[[ProcessState], Any]] = []
         #: Which broker connection this is: it grows when the broker goes (with
         #: ``reconnect``) and again when it is back. Proxies and thread states of an
         #: earlier one are stale.
@@ -347,7 +348,7 @@ class ProcessState:
                 stale.state.close()
             self._thread_slots.discard(stale)
         if not self._connected:
-            self.wait_for_broker()
+            self._wait_for_broker()
         generation = self.generation  # before connecting: a reconnect meanwhile makes it stale
         slot = _ThreadSlot(ThreadState(self), generation)
         self._local.slot = slot
@@ -417,7 +418,7 @@ class ProcessState:
                 come back in time.
         """
         if not self._connected:
-            self.wait_for_broker()
+            self._wait_for_broker()
         if proxy.handle == SERVICE_MANAGER_HANDLE:
             proxy.generation, proxy.dead = self.generation, False
             return proxy
@@ -427,8 +428,10 @@ class ProcessState:
         name = proxy.service_name
         if name is None:
             raise DeadObjectError(f"{proxy.describe()} was a node of a broker that went away")
-        remaining = deadlines.time_remaining()
-        timeout = REBIND_TIMEOUT if remaining is None else max(0.0, remaining)
+        deadline_ns = deadlines.call_deadline_ns(self.call_timeout)
+        timeout = REBIND_TIMEOUT
+        if deadline_ns:
+            timeout = min(timeout, max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9))
         try:
             found = (
                 self.service_manager.wait_for_service(name, timeout)
@@ -649,7 +652,7 @@ class ProcessState:
 
         self._serve_looping(serve)
 
-    def _serve_looping(self, serve: Any) -> None:
+    def _serve_looping(self, serve: Callable[[], None]) -> None:
         """Run ``serve`` (a looper's loop) until the process closes; with ``reconnect``
         run it again each time a broker is back after the last one went."""
         while not self.closed:
@@ -666,14 +669,14 @@ class ProcessState:
 
     # -- reconnecting ----------------------------------------------------------------------
 
-    def on_reconnect(self, callback: Any) -> None:
+    def on_reconnect(self, callback: Callable[[ProcessState], Any]) -> None:
         """Call ``callback(process_state)`` after each reconnect (see ``reconnect``),
         on a runtime thread, once the services are added again and the notifications
         registered again: for what else the process needs to set up again (links to
         death, state kept by services). An exception it raises is logged."""
         self._reconnect_callbacks.append(callback)
 
-    def wait_for_broker(self) -> None:
+    def _wait_for_broker(self) -> None:
         """While the broker is gone and this process reconnects: wait for it within the
         deadline in force (``pybinder.deadline``, ``call_timeout``), else raise.
 
