@@ -134,3 +134,15 @@ def test_a_oneway_call_waiting_for_room_gives_up_at_its_deadline_and_is_never_de
     with pybinder.deadline(5):
         service.record(b"d" * (200 << 10))  # within its deadline: copied
     assert bytes(service.recorded()[-1][:1]) == b"d"
+
+
+def test_a_get_service_given_up_at_its_deadline_leaves_no_answer_for_the_next_call(proc):
+    started = time.monotonic()
+    with pytest.raises(pybinder.DeadlineExceededError), pybinder.deadline(0.2):
+        proc.get_service("never", timeout=0.5)  # waits in the broker, with a timer
+    assert time.monotonic() - started < 0.45
+    time.sleep(0.5)  # past the broker's timer: a wait it still held would answer now
+    assert proc.list_services() == []  # its own answer, not the given-up wait's
+    status = proc.status()
+    me = next(p for p in status["processes"] if p["pid"] == os.getpid())
+    assert me["pending"] == []

@@ -213,3 +213,28 @@ def test_an_asyncio_client_with_reconnect_calls_again_after_a_restart(cluster):
 
     first, again = asyncio.run(asyncio.wait_for(main(), 60))
     assert first == ["echo", server.pid, 1] and again == ["echo", server.pid, 2]
+
+
+def test_a_service_that_does_not_come_back_fails_the_call_at_its_deadline_or_after_5_s(cluster):
+    gone = start_model_peer(cluster, "echo", "gone")  # connects without reconnect
+    old_broker = cluster.peers[0]
+    with pybinder.connect(cluster.socket, reconnect=True) as proc:
+        echo = proc.get_service("gone", IEcho)
+        assert echo.echo(1) == ["gone", gone.pid, 1]
+        old_broker.stop(signal.SIGKILL)
+        new_broker = cluster.broker()
+        try:
+            with pybinder.deadline(5):
+                assert proc.list_services() == []  # back, without "gone"
+            started = time.monotonic()
+            expired = pytest.raises(DeadlineExceededError, match="not come back")
+            with expired, pybinder.deadline(0.5):
+                echo.echo(2)
+            assert 0.4 < time.monotonic() - started < 2.0
+            started = time.monotonic()
+            with pytest.raises(DeadObjectError, match="not come back"):
+                echo.echo(3)  # no deadline: it waits REBIND_TIMEOUT (5 s) for the service
+            assert 4.5 < time.monotonic() - started < 8.0
+            assert not echo.is_binder_alive()
+        finally:
+            new_broker.stop(signal.SIGTERM)

@@ -921,13 +921,15 @@ class Router:
 
         A call still queued is taken out and its buffer freed; one being run is marked
         cancelled, and its reply will be dropped; the thread running it gets
-        BR_CALL_CANCELLED (a coroutine serving a detached one, BR_CANCELLED).
+        BR_CALL_CANCELLED (a coroutine serving a detached one, BR_CANCELLED). A
+        wait_for_service the service manager holds for it is dropped.
         ``thread`` then gets BR_CANCEL_DONE(1) and nothing more for that call; if the
         call had ended already its outcome went first, and BR_CANCEL_DONE(0) follows.
         """
         txn = thread.outgoing
         if txn is None:
-            self.send(thread, protocol.encode(BR_CANCEL_DONE, 0))
+            found = self._cancel_service_wait(thread)
+            self.send(thread, protocol.encode(BR_CANCEL_DONE, int(found)))
             return
         thread.outgoing = None
         txn.from_thread = None
@@ -939,6 +941,15 @@ class Router:
         elif txn.buffer is not None:  # tell the thread running it (is_cancelled())
             self.send(txn.to_thread, protocol.encode(BR_CALL_CANCELLED, txn.buffer.offset))
         self.send(thread, protocol.encode(BR_CANCEL_DONE, 1))
+
+    def _cancel_service_wait(self, thread: ThreadRecord) -> bool:
+        """Drop the service-manager wait (wait_for_service) ``thread``'s call is, if
+        any: otherwise its timer would answer the given-up call later, and the
+        thread's next call would take that answer for its own."""
+        if not thread.sm_waits or self.service_manager is None:
+            return False
+        self.service_manager.forget_thread(thread)
+        return True
 
     def cancel_waiting_oneway(self, thread: ThreadRecord) -> bool:
         """BC_CANCEL_TRANSACTION from a thread whose oneway call, sent outside the

@@ -413,9 +413,10 @@ class ProcessState:
 
         Raises:
             BrokerUnavailableError: the broker is gone (and no deadline lets this wait).
-            DeadlineExceededError: the deadline passed while waiting for the broker.
+            DeadlineExceededError: the deadline passed while waiting for the broker or
+                for the service.
             DeadObjectError: ``proxy`` was not found by name, or its service did not
-                come back in time.
+                come back within REBIND_TIMEOUT.
         """
         if not self._connected:
             self._wait_for_broker()
@@ -440,6 +441,11 @@ class ProcessState:
             )
         except ServiceNotFoundError:
             found = None
+        except DeadlineExceededError:
+            raise DeadlineExceededError(
+                f"{proxy.describe()}: the broker restarted, and the service has not come"
+                f" back within the deadline"
+            ) from None
         remote = found.binder if isinstance(found, ProxyBase) else found
         if not isinstance(remote, BinderProxy):
             where = "is now served by this process" if found else "has not come back"
