@@ -204,7 +204,7 @@ def map_send_area(fd: int, size: int) -> mmap.mmap:
     The broker reads it, and writes only the words at its end (the progress word of
     ``protocol.TF_RING`` and the settle words of ``protocol.TF_WINDOW``); ``ctypes``
     takes the address of writable buffers only. Only an ordinary memfd (no hugetlb)
-    opened read-write, sealed with :data:`REQUIRED_SEALS` and none of
+    opened read-write (not O_APPEND), sealed with :data:`REQUIRED_SEALS` and none of
     :data:`WRITE_SEALS`, of at least ``size`` bytes, is taken: its pages can neither
     go away nor refuse the broker's writes, so no client can make the broker fault.
 
@@ -214,16 +214,17 @@ def map_send_area(fd: int, size: int) -> mmap.mmap:
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        status_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         stat = os.fstat(fd)
     except OSError:
         raise ProtocolError("a send area must be a sealed memfd") from None
+    access = status_flags & os.O_ACCMODE
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise ProtocolError(f"send area seals {seals:#x} lack {REQUIRED_SEALS:#x}")
     if seals & WRITE_SEALS:
         raise ProtocolError(f"send area seals {seals:#x} forbid writing")
-    if access != os.O_RDWR:
-        raise ProtocolError("a send area must be open for reading and writing")
+    if access != os.O_RDWR or status_flags & os.O_APPEND:
+        raise ProtocolError("a send area must be open for reading and writing, not appending")
     if stat.st_blksize != mmap.PAGESIZE:
         raise ProtocolError(
             f"a send area must be an ordinary memfd, not {stat.st_blksize}-byte pages"

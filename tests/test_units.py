@@ -21,6 +21,7 @@ import pytest
 from pybinder import parcel, protocol
 from pybinder.broker.allocator import ALIGNMENT, BufferAllocator
 from pybinder.errors import ProtocolError
+from pybinder.region import create_send_area, map_send_area
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pybinder"
 
@@ -348,4 +349,22 @@ def test_parcel_descriptors_are_named_in_order_and_unclaimed_ones_are_closed():
     with pytest.raises(OSError):  # the third came with the parcel but was never named
         os.fstat(received[2])
     for fd in (*reads, *writes, received[0], received[1]):
+        os.close(fd)
+
+
+def test_a_send_area_reopened_for_appending_is_refused():
+    """The fuzz found it: an O_RDWR | O_APPEND reopening of a sealed memfd maps, but
+    it is not the plain read-write memfd a send area must be."""
+    fd, mapping = create_send_area(4096)
+    mapping.close()
+    try:
+        assert map_send_area(fd, 4096).close() is None  # the plain one is taken
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        appending = os.open(f"/proc/self/fd/{fd}", flags)
+        try:
+            with pytest.raises(ProtocolError, match="not appending"):
+                map_send_area(appending, 4096)
+        finally:
+            os.close(appending)
+    finally:
         os.close(fd)
