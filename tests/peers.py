@@ -269,6 +269,19 @@ def calc_interface(version: str) -> type[pybinder.Interface]:
     return type("ICalc", (pybinder.Interface,), namespace)
 
 
+def start_calc(cluster: Any, version: str) -> Any:
+    """Start a server process of "calc" as ``version`` of tests.ICalc in ``cluster``
+    (a conftest.Cluster); its Peer, once ready."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {tests!r}); import peers; "
+        "peers.calc_server(sys.argv[1], sys.argv[2])"
+    )
+    peer = cluster.spawn([sys.executable, "-c", code, cluster.socket, version])
+    peer.wait_ready()
+    return peer
+
+
 def calc_server(socket_path: str, version: str) -> None:
     """Serve "calc" as ``version`` of tests.ICalc until killed."""
     interface = calc_interface(version)

@@ -8,12 +8,10 @@ The last ones run a server process with another version of an interface."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from peers import calc_interface
+from peers import calc_interface, start_calc
 
 import pybinder
 from pybinder import protocol
@@ -734,17 +732,6 @@ def test_methods_without_interface_types_get_the_plain_call(remote_hub):
 
 
 # -- between processes --------------------------------------------------------------------------
-
-TESTS = Path(__file__).parent
-
-
-def start_calc(cluster: Any, version: str) -> None:
-    """A server process of "calc" as ``version`` of tests.ICalc (tests/peers.py)."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import peers; "
-        "peers.calc_server(sys.argv[1], sys.argv[2])"
-    )
-    cluster.spawn([sys.executable, "-c", code, cluster.socket, version]).wait_ready()
 
 
 def test_an_old_client_uses_a_server_with_an_appended_method(cluster, proc):

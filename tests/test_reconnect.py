@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from model_peers import IEcho
+from peers import calc_interface, start_calc
 from waiting import eventually
 
 import pybinder
@@ -26,6 +27,7 @@ from pybinder.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
     DeadObjectError,
+    InterfaceMismatchError,
     ProxyClosedError,
 )
 
@@ -236,5 +238,27 @@ def test_a_service_that_does_not_come_back_fails_the_call_at_its_deadline_or_aft
                 echo.echo(3)  # no deadline: it waits REBIND_TIMEOUT (5 s) for the service
             assert 4.5 < time.monotonic() - started < 8.0
             assert not echo.is_binder_alive()
+        finally:
+            new_broker.stop(signal.SIGTERM)
+
+
+def test_a_service_back_with_an_incompatible_interface_is_refused_on_its_next_call(cluster):
+    old = calc_interface("old")
+    first = start_calc(cluster, "old")
+    old_broker = cluster.peers[0]
+    with pybinder.connect(cluster.socket, reconnect=True) as proc:
+        calc = proc.get_service("calc", old)  # checked against the server's table once
+        assert calc.sub(5, 3) == 2
+        old_broker.stop(signal.SIGKILL)
+        first.stop()
+        new_broker = cluster.broker()
+        try:
+            start_calc(cluster, "inserted")  # sub's code now means mul there
+            expected = r"tests\.ICalc\.sub \(code 2\) is 'mul'"
+            with pytest.raises(InterfaceMismatchError, match=expected), pybinder.deadline(5):
+                calc.sub(5, 3)
+            start_calc(cluster, "new")  # compatible (mul appended); replaces the name
+            with pybinder.deadline(5):
+                assert calc.sub(5, 3) == 2  # checked again, and called
         finally:
             new_broker.stop(signal.SIGTERM)

@@ -259,6 +259,18 @@ class Interface:
         return proxy
 
 
+def check_successor(stale: BinderProxy, successor: BinderProxy) -> None:
+    """Check ``successor`` (a service found again by name after a reconnect) against
+    every interface ``stale`` was checked against (:meth:`Interface.from_service`):
+    the server that came back may run another version.
+
+    Raises:
+        InterfaceMismatchError: it no longer agrees with one of them.
+    """
+    for interface in list(stale.__dict__.get(_CHECKED_ATTR, ())):
+        interface.from_service(successor)
+
+
 def interface_for(descriptor: str) -> type[Interface] | None:
     """The interface class registered under ``descriptor`` in this process, or None.
 

@@ -417,6 +417,8 @@ class ProcessState:
                 for the service.
             DeadObjectError: ``proxy`` was not found by name, or its service did not
                 come back within REBIND_TIMEOUT.
+            InterfaceMismatchError: the service came back with an interface that no
+                longer agrees with one ``proxy`` was checked against (get_service(name, I)).
         """
         if not self._connected:
             self._wait_for_broker()
@@ -453,6 +455,7 @@ class ProcessState:
                 f"{proxy.describe()}: the broker restarted, and the service {where}"
             )
         remote.service_name = name
+        interfaces.check_successor(proxy, remote)
         proxy.successor = remote
         return remote
 
