@@ -12,16 +12,13 @@ SOCKET`` and ``async_calc.py client SOCKET`` are what it starts.)
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from launch import Demo
 
 import pybinder
 import pybinder.aio
-
-TIMEOUT = 30.0
 
 
 class ISlowCalc(pybinder.Interface):
@@ -37,7 +34,8 @@ class SlowCalc(ISlowCalc.Stub):
         try:
             await asyncio.sleep(seconds)  # waits without holding a thread
         except asyncio.CancelledError:
-            print(f"add({a}, {b}) cancelled: is_cancelled() = {pybinder.is_cancelled()}")
+            cancelled = pybinder.is_cancelled()
+            print(f"add({a}, {b}) cancelled: is_cancelled() = {cancelled}", flush=True)
             raise
         return a + b
 
@@ -66,38 +64,11 @@ async def use(socket_path: str) -> None:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="pybinder-async-") as tmp:
-        socket_path = str(Path(tmp) / "broker.sock")
-        python = sys.executable
-        broker = subprocess.Popen(
-            [python, "-m", "pybinder", "broker", "--socket", socket_path],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        server = None
-        try:
-            assert broker.stdout is not None and "listening" in broker.stdout.readline()
-            server = subprocess.Popen(
-                [python, __file__, "server", socket_path], stdout=subprocess.PIPE, text=True
-            )
-            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            client = subprocess.run(
-                [python, __file__, "client", socket_path],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-            )
-            print(client.stdout, end="")
-            if client.returncode != 0:
-                print(client.stderr, file=sys.stderr)
-                return 1
-        finally:
-            for proc in (server, broker):
-                if proc is not None:
-                    proc.terminate()
-                    output, _ = proc.communicate(timeout=TIMEOUT)
-                    if proc is server and output:
-                        print("server:", output.strip())
+    python = sys.executable
+    with Demo("async") as demo:
+        demo.start("server", [python, __file__, "server", demo.socket], "ready")
+        if demo.run("client", [python, __file__, "client", demo.socket]) != 0:
+            return 1
     print("done")
     return 0
 

@@ -12,18 +12,15 @@ one. (This file plays all three roles: ``camera_pipeline.py detector SOCKET`` an
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from launch import Demo
 
 import pybinder
 
-TIMEOUT = 60.0
 FRAMES = 30
 SHAPE = (480, 640, 3)
 
@@ -73,36 +70,11 @@ def film(socket_path: str) -> None:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="pybinder-camera-") as tmp:
-        socket_path = str(Path(tmp) / "broker.sock")
-        python = sys.executable
-        broker = subprocess.Popen(
-            [python, "-m", "pybinder", "broker", "--socket", socket_path],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        detector = None
-        try:
-            assert broker.stdout is not None and "listening" in broker.stdout.readline()
-            detector = subprocess.Popen(
-                [python, __file__, "detector", socket_path], stdout=subprocess.PIPE, text=True
-            )
-            assert detector.stdout is not None and detector.stdout.readline().strip() == "ready"
-            camera = subprocess.run(
-                [python, __file__, "camera", socket_path],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-            )
-            print(camera.stdout, end="")
-            if camera.returncode != 0:
-                print(camera.stderr, file=sys.stderr)
-                return 1
-        finally:
-            for proc in (detector, broker):
-                if proc is not None:
-                    proc.terminate()
-                    proc.communicate(timeout=TIMEOUT)
+    python = sys.executable
+    with Demo("camera") as demo:
+        demo.start("detector", [python, __file__, "detector", demo.socket], "ready")
+        if demo.run("camera", [python, __file__, "camera", demo.socket]) != 0:
+            return 1
     print("done")
     return 0
 

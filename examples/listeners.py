@@ -13,13 +13,12 @@ and ``listeners.py client SOCKET`` are what it starts.)
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from launch import Demo
 
 import pybinder
 
@@ -122,62 +121,16 @@ def client(socket_path: str) -> None:
 # -- the example: a broker, the server and the client -------------------------------------
 
 
-def start(
-    name: str, argv: list[str], wait_for: str
-) -> tuple[subprocess.Popen[str], threading.Thread]:
-    """Start a process whose output is echoed with a ``name:`` prefix, and wait until
-    it prints a line containing ``wait_for`` (or exits)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready = threading.Event()
-
-    def relay() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            print(f"{name:>7}: {line.rstrip()}", flush=True)
-            if wait_for in line:
-                ready.set()
-        ready.set()
-
-    relay_thread = threading.Thread(target=relay, daemon=True)
-    relay_thread.start()
-    if not ready.wait(TIMEOUT):
-        proc.kill()
-        proc.wait()
-        raise SystemExit(f"{name} did not start in {TIMEOUT} s")
-    return proc, relay_thread
-
-
 def main() -> int:
     me = str(Path(__file__).resolve())
     python = sys.executable
-    with tempfile.TemporaryDirectory(prefix="pybinder-listeners-") as tmp:
-        socket_path = str(Path(tmp) / "broker.sock")
-        broker, _ = start(
-            "broker", [python, "-m", "pybinder", "broker", "--socket", socket_path], "listening"
-        )
-        children: list[subprocess.Popen[str]] = []
-        relays: list[threading.Thread] = []
-        try:
-            server, server_output = start(
-                "server", [python, me, "server", socket_path], "registered"
-            )
-            children.append(server)
-            client_proc, client_output = start("client", [python, me, "client", socket_path], "\0")
-            children.append(client_proc)
-            relays += [server_output, client_output]
-            codes = [child.wait(TIMEOUT) for child in children]
-            for relay in relays:
-                relay.join(TIMEOUT)
-            if codes != [0, 0]:
-                print(f"exit codes (server, client): {codes}")
-                return 1
-        finally:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait(TIMEOUT)
-            broker.send_signal(signal.SIGTERM)
-            broker.wait(TIMEOUT)
+    with Demo("listeners") as demo:
+        server = demo.start("server", [python, me, "server", demo.socket], "registered")
+        client_code = demo.run("client", [python, me, "client", demo.socket])
+        codes = [server.wait(TIMEOUT), client_code]
+        if codes != [0, 0]:
+            print(f"exit codes (server, client): {codes}")
+            return 1
     print("done: the client saw the hub's events and its death")
     return 0
 
