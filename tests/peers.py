@@ -282,9 +282,9 @@ def start_calc(cluster: Any, version: str) -> Any:
     return peer
 
 
-def calc_server(socket_path: str, version: str) -> None:
-    """Serve "calc" as ``version`` of tests.ICalc until killed."""
-    interface = calc_interface(version)
+def calc_stub(interface: type[pybinder.Interface]) -> pybinder.Binder:
+    """A Stub of ``interface`` (a version of tests.ICalc) that has every method any
+    version declares."""
 
     class Calc(interface.Stub):  # type: ignore[name-defined,misc]
         def add(self, a: int, b: int) -> int:
@@ -296,8 +296,14 @@ def calc_server(socket_path: str, version: str) -> None:
         def mul(self, a: int, b: int) -> int:
             return a * b
 
+    stub: pybinder.Binder = Calc()
+    return stub
+
+
+def calc_server(socket_path: str, version: str) -> None:
+    """Serve "calc" as ``version`` of tests.ICalc until killed."""
     with pybinder.connect(socket_path) as proc:
-        proc.add_service("calc", Calc())
+        proc.add_service("calc", calc_stub(calc_interface(version)))
         proc.start_thread_pool(2)
         print(f"ready {os.getpid()}", flush=True)
         proc.join_thread_pool()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import pytest
-from peers import calc_interface, start_calc
+from peers import calc_interface, calc_stub, start_calc
 
 import pybinder
 from pybinder import protocol
@@ -511,29 +511,15 @@ def test_from_service_accepts_a_subinterface_and_refuses_another_interface():
         ILoudListener.from_service(FakeProxy(Listener()))  # a base is not enough
 
 
-def _server(interface: type[Interface]) -> Binder:
-    class Server(interface.Stub):  # type: ignore[name-defined,misc]
-        def add(self, a: int, b: int) -> int:
-            return a + b
-
-        def sub(self, a: int, b: int) -> int:
-            return a - b
-
-        def mul(self, a: int, b: int) -> int:
-            return a * b
-
-    return Server()
-
-
 def test_an_older_client_and_a_newer_server_interoperate():
     old, new = calc_interface("old"), calc_interface("new")
-    calc = old.from_service(FakeProxy(_server(new)))
+    calc = old.from_service(FakeProxy(calc_stub(new)))
     assert (calc.add(2, 3), calc.sub(2, 3)) == (5, -1)
 
 
 def test_a_newer_client_learns_which_methods_an_older_server_lacks():
     old, new = calc_interface("old"), calc_interface("new")
-    remote = FakeProxy(_server(old))
+    remote = FakeProxy(calc_stub(old))
     calc = new.from_service(remote)
     assert calc.add(2, 3) == 5
     message = (
@@ -545,7 +531,7 @@ def test_a_newer_client_learns_which_methods_an_older_server_lacks():
     assert str(caught.value) == message
     assert remote.codes == [INTERFACE_TRANSACTION, 1]  # mul was never sent
     # Unchecked (as_interface), the server's answer is reworded alike.
-    unchecked = new.Proxy(FakeProxy(_server(old)))
+    unchecked = new.Proxy(FakeProxy(calc_stub(old)))
     with pytest.raises(UnknownTransactionError, match="has no such method"):
         unchecked.mul(2, 3)
 
@@ -553,7 +539,7 @@ def test_a_newer_client_learns_which_methods_an_older_server_lacks():
 def test_a_method_inserted_in_the_middle_is_a_mismatch_naming_the_callers_method():
     old, inserted = calc_interface("old"), calc_interface("inserted")
     with pytest.raises(InterfaceMismatchError) as caught:
-        old.from_service(FakeProxy(_server(inserted)))
+        old.from_service(FakeProxy(calc_stub(inserted)))
     assert str(caught.value) == (
         "tests.ICalc.sub (code 2) is 'mul' in the server's tests.ICalc: methods were "
         "inserted or reordered; pin codes with @method(code=N)"
