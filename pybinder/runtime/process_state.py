@@ -686,18 +686,16 @@ class ProcessState:
         self._reconnect_callbacks.append(callback)
 
     def _wait_for_broker(self) -> None:
-        """While the broker is gone and this process reconnects: wait for it within the
-        deadline in force (``pybinder.deadline``, ``call_timeout``), else raise.
+        """While the broker is gone and this process reconnects (only then is it not
+        ``_connected``): wait for it within the deadline in force (``pybinder.deadline``,
+        ``call_timeout``), else raise.
 
         Raises:
-            BrokerUnavailableError: no deadline is in force, or this process does not
-                reconnect.
+            BrokerUnavailableError: no deadline is in force.
             DeadlineExceededError: the deadline passed first.
         """
         if self._connected:
             return
-        if not self.reconnect:
-            raise BrokerUnavailableError(f"the broker at {self.socket_path} went away")
         deadline_ns = deadlines.call_deadline_ns(self.call_timeout)
         if not deadline_ns:
             raise BrokerUnavailableError(
