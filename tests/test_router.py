@@ -247,6 +247,28 @@ def test_a_copy_checks_the_areas_as_they_are_when_the_bytes_move(world):
     assert BR_TRANSACTION_COMPLETE not in sender.conn.commands()  # ...nothing read outside
 
 
+def test_a_held_command_refused_when_it_runs_does_not_stop_the_other_waiters(world):
+    """Found by the fuzz: a BC_DETACH (without a call to detach) held behind a oneway
+    call waiting for room raised out of the retry that another process's free ran,
+    and the waiters after it never heard of the room."""
+    a, b = world.process(), world.process()
+    looper = world.looper(b)
+    handle = node_of(world, b, a)
+    filler, first, second = world.thread(a), world.thread(a), world.thread(a)
+    big = write_call(filler, ["d", [bytes(b.async_space - 2048)], {}])
+    world.router.transaction(filler, handle, 1, TF_ONE_WAY, big)  # fills the async space
+    for sender in (first, second):
+        size = write_call(sender, ["d", [bytes(4096)], {}])
+        world.router.transaction(sender, handle, 1, TF_ONE_WAY, size)
+        assert sender.waiting_oneway is not None  # waits for room
+    world.router.hold(first, (protocol.BC_DETACH,))
+    delivered = [c for c in looper.conn.received if c[0] == BR_TRANSACTION]
+    world.router.free_buffer(looper, delivered[0][4])  # room for both
+    assert first.conn.commands()[-2:] == [BR_TRANSACTION_COMPLETE, protocol.BR_ERROR]
+    assert last(second)[0] == BR_TRANSACTION_COMPLETE and second.waiting_oneway is None
+    assert not first.backlog and first.waiting_oneway is None
+
+
 @pytest.mark.quotas(service_manager_parcel=1024)
 def test_a_service_manager_parcel_over_its_quota_is_refused_unread(world):
     a = world.process()

@@ -447,6 +447,13 @@ class Router:
             thread.fds = fds
             try:
                 self.run_command(thread, command)
+            except (ProtocolError, QuotaExceededError) as error:
+                # Refused as it would have been when it came, to its own thread. The
+                # commands behind it run on, and so does whatever made room (another
+                # process's free, whose other waiters must still be retried: found by
+                # the fuzz, a held BC_DETACH without a call lost their wake-up).
+                log.warning("pid %d: %s", thread.process.pid, error)
+                self.send(thread, protocol.encode(BR_ERROR, *error_fields(error)))
             finally:
                 _close_all(thread.take_fds())  # any the command did not take
 
